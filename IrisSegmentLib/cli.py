@@ -1,0 +1,210 @@
+"""Command line: iris-segment segment | demo | info | pack | train."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .errors import Cancelled, IrisInputError
+
+
+def _labels(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise IrisInputError(f"--labels must be comma-separated integers like 1,3; got {text!r}") from None
+
+
+class _Bar:
+    """tqdm progress bar fed by the engine's progress(fraction, message) callback."""
+
+    def __init__(self, desc: str):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=100, desc=desc, unit="%", bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+
+    def __call__(self, fraction: float, message: str) -> None:
+        self.bar.n = int(round(100 * fraction))
+        self.bar.set_postfix_str(message, refresh=True)
+
+    def close(self):
+        self.bar.close()
+
+
+def cmd_segment(a) -> int:
+    from . import io
+    from .inference.segmenter import Segmenter
+    from .inference.task import TaskEmbedding
+
+    out = Path(a.output)
+    if out.exists() and not a.overwrite:
+        raise IrisInputError(f"{out} exists; pass --overwrite to replace it")
+    if not out.parent.exists():
+        raise IrisInputError(f"{out.parent}: output folder does not exist; create it first")
+    if a.save_task and Path(a.save_task).exists() and not a.overwrite:
+        raise IrisInputError(f"{a.save_task} exists; pass --overwrite to replace it")
+    refs_i, refs_l = a.reference_image or [], a.reference_label or []
+    if a.task and refs_i:
+        raise IrisInputError("give either --task or --reference-image/--reference-label, not both")
+    if not a.task and not refs_i:
+        raise IrisInputError("give a reference (--reference-image R --reference-label RL) or a saved --task FILE")
+    if len(refs_i) != len(refs_l):
+        raise IrisInputError(f"{len(refs_i)} --reference-image but {len(refs_l)} --reference-label; give them in pairs")
+    seg = Segmenter.load(a.model, a.device)
+    target, t_aff, t_hdr = io.read_image(a.target)
+    if a.task:
+        task = TaskEmbedding.load(a.task)
+        if a.labels:
+            missing = [v for v in _labels(a.labels) if v not in task.labels]
+            if missing:
+                raise IrisInputError(f"label(s) {missing} not in the task (it has {task.labels})")
+            task = task.select(_labels(a.labels))
+    else:
+        refs = []
+        for ip, lp in zip(refs_i, refs_l):
+            img, aff, _ = io.read_image(ip)
+            lab, laff, _ = io.read_image(lp)
+            if img.shape[:3] == lab.shape[:3] and not np.allclose(aff, laff, atol=1e-3):
+                raise IrisInputError(f"{ip} and {lp} have the same shape but different geometry; the label must be drawn on this image")
+            refs.append((img, aff, lab))
+        task = seg.encode_references(refs, _labels(a.labels), modality=a.modality)
+        if a.save_task:
+            task.save(a.save_task)
+    bar = _Bar("segment")
+    try:
+        result = seg.segment(target, t_aff, task, modality=a.modality, overlap=a.overlap, progress=bar)
+    finally:
+        bar.close()
+    io.write_label_map(out, result.label_map, t_aff, t_hdr, overwrite=a.overwrite)
+    vox = float(abs(np.linalg.det(t_aff[:3, :3])))
+    print(f"wrote {out} ({result.seconds:.1f} s on {result.device}, {result.windows} windows)")
+    for v, n in zip(result.labels, result.names):
+        print(f"  {v:>4} {n:<24} {np.count_nonzero(result.label_map == v) * vox / 1000:9.2f} ml")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from .demo import run_demo
+
+    summary = run_demo(Path(a.output_dir), a.device, a.model)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_info(a) -> int:
+    import torch
+
+    from .inference.segmenter import resolve_device
+    from .resources import resources_dir
+    from .weights import load_model
+    from . import __version__
+
+    print(f"IrisSegmentLib {__version__}, Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}")
+    dev = resolve_device(a.device)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    print(f"device: {dev} (CUDA GPU: {gpu}; CPU threads: {torch.get_num_threads()})")
+    print(f"resources: {resources_dir()}")
+    model, cfg, info = load_model(a.model)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"model: {cfg.model.name} ({n / 1e6:.2f}M parameters, fingerprint {cfg.model.fingerprint()}), "
+          f"window {cfg.model.window} at {cfg.model.spacing} mm")
+    if info:
+        print("training: " + json.dumps(info))
+    return 0
+
+
+def cmd_pack(a) -> int:
+    from .config import BundleConfig
+    from .training.data import pack
+
+    cfg = BundleConfig.load(a.config) if a.config else BundleConfig()
+    out = pack(a.source, a.out, cfg.model.spacing, cfg.inference)
+    print(f"packed into {out}")
+    return 0
+
+
+def cmd_train(a) -> int:
+    from .config import BundleConfig
+    from .training.train import train
+
+    cfg = BundleConfig.load(a.config)
+    if a.seed is not None:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, seed=a.seed))
+    train(cfg, a.data, a.out, a.minutes, a.resume, a.device)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="iris-segment", description="In-context 3D segmentation with IRIS")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("segment", help="segment a target with the structures of one or more references")
+    s.add_argument("--reference-image", action="append", help="reference image (NIfTI); repeat for a context ensemble")
+    s.add_argument("--reference-label", action="append", help="label map drawn on the reference image; one per --reference-image")
+    s.add_argument("--task", help="saved task embedding (.safetensors) used instead of references")
+    s.add_argument("--labels", help="comma-separated label values to segment (default: all in the reference)")
+    s.add_argument("--target", required=True, help="image to segment (NIfTI)")
+    s.add_argument("--output", required=True, help="output label map (.nii.gz), with the target's geometry")
+    s.add_argument("--save-task", help="also save the task embedding to this file for reuse")
+    s.add_argument("--model", default=None, help="bundled model name or model folder (default: iris-small)")
+    s.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    s.add_argument("--overlap", type=float, default=None, help="sliding-window overlap in [0, 1) (default 0.5)")
+    s.add_argument("--modality", default="auto", choices=["auto", "ct", "mr"], help="intensity normalisation")
+    s.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    s.set_defaults(fn=cmd_segment)
+
+    d = sub.add_parser("demo", help="segment the bundled sample data and report the Dice")
+    d.add_argument("--output-dir", required=True)
+    d.add_argument("--device", default="auto")
+    d.add_argument("--model", default=None)
+    d.set_defaults(fn=cmd_demo)
+
+    i = sub.add_parser("info", help="model, device and versions")
+    i.add_argument("--device", default="auto")
+    i.add_argument("--model", default=None)
+    i.set_defaults(fn=cmd_info)
+
+    k = sub.add_parser("pack", help="pack training data onto the working grid (data cache for training)")
+    k.add_argument("--source", required=True, help="folder laid out as shared/data")
+    k.add_argument("--out", required=True)
+    k.add_argument("--config", default=None)
+    k.set_defaults(fn=cmd_pack)
+
+    t = sub.add_parser("train", help="episodic training with a time budget, resumable")
+    t.add_argument("--config", required=True, help="bundle config YAML (e.g. Resources/Configs/iris-small.yaml)")
+    t.add_argument("--data", required=True, help="packed data folder (from `iris-segment pack`)")
+    t.add_argument("--minutes", type=float, required=True)
+    t.add_argument("--resume", default=None, help="checkpoint.safetensors to continue from")
+    t.add_argument("--out", required=True)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--seed", type=int, default=None)
+    t.set_defaults(fn=cmd_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
+        try:
+            return args.fn(args)
+        except IrisInputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except (Cancelled, KeyboardInterrupt):
+            print("cancelled: no output written", file=sys.stderr)
+            return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Configuration: one dataclass per concern, saved as YAML beside the weights."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one IRIS network; every size the network has comes from here."""
+
+    name: str = "iris-small"
+    in_channels: int = 1
+    widths: tuple[int, ...] = (16, 32, 64, 128, 128)  # encoder stages; len-1 downsamplings
+    blocks_per_stage: int = 1  # residual blocks after each (down)sampling
+    num_queries: int = 10  # m learnable context queries per class
+    heads: int = 4
+    mlp_ratio: int = 4
+    task_attention_depth: int = 2  # task-encoding blocks [self, cross, self]
+    bottleneck_fusion_depth: int = 2  # two-way blocks at the coarsest scale
+    second_fusion: bool = True  # one more image<-token fusion at the next finer scale
+    shuffle_channels: int = 1  # channels of the pixel-shuffled full-resolution map
+    head_channels: int = 32  # width of the final per-voxel embedding
+    window: tuple[int, int, int] = (64, 64, 64)
+    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)  # working spacing, mm
+
+    @property
+    def token_dim(self) -> int:
+        return self.widths[-1]
+
+    @property
+    def downsampling(self) -> int:
+        return 2 ** (len(self.widths) - 1)
+
+    def validate(self) -> None:
+        f = self.downsampling
+        if any(w % f for w in self.window):
+            raise ValueError(f"window {self.window} must be divisible by {f} (2**downsamplings)")
+        if self.token_dim % self.heads:
+            raise ValueError(f"token width {self.token_dim} must be divisible by heads {self.heads}")
+
+    def fingerprint(self) -> str:
+        """Short stable hash of the architecture, stored in weights and task embeddings."""
+        arch = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("name", "window")}
+        return hashlib.sha1(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """How the engine prepares images and tiles the target."""
+
+    overlap: float = 0.5
+    gaussian_sigma_scale: float = 0.125  # sigma = window * scale
+    batch_size: int = 2  # windows per forward pass
+    ct_clip: tuple[float, float] = (-125.0, 275.0)  # HU; the soft-tissue window of the CT we train on
+    mr_clip_percentiles: tuple[float, float] = (0.5, 99.5)
+    threshold: float = 0.5
+    max_reference_crops: int = 8  # crops averaged when a structure exceeds one window
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Episodic training recipe."""
+
+    seed: int = 0
+    batch_size: int = 2
+    max_classes: int = 4  # K class slots per episode (padded slots masked out)
+    crop: tuple[int, int, int] = (48, 48, 48)
+    lr: float = 1e-3  # AdamW; the paper used Lamb at 2e-3
+    weight_decay: float = 1e-5
+    warmup_steps: int = 200
+    decay_per_1k: float = 0.7  # exponential decay factor per 1000 steps after warm-up
+    grad_clip: float = 1.0
+    ema_decay: float = 0.99  # weight EMA
+    bank_momentum: float = 0.99  # memory-bank EMA of class embeddings
+    empty_query_prob: float = 0.15  # query crops that miss the structure
+    dataset_weights: dict[str, float] = field(default_factory=dict)
+
+
+def _tuple_fields(cls, data: dict) -> dict:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__} section must be a mapping, not {type(data).__name__}")
+    out = {}
+    names = {f.name: f for f in fields(cls)}
+    for k, v in data.items():
+        if k not in names:
+            raise ValueError(f"unknown {cls.__name__} key {k!r}")
+        out[k] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+@dataclass(frozen=True)
+class BundleConfig:
+    """Everything saved beside a set of weights."""
+
+    model: ModelConfig = ModelConfig()
+    inference: InferenceConfig = InferenceConfig()
+    training: TrainingConfig = TrainingConfig()
+
+    def to_dict(self) -> dict:
+        def plain(obj):
+            d = dataclasses.asdict(obj)
+            return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+        return {"model": plain(self.model), "inference": plain(self.inference), "training": plain(self.training)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BundleConfig":
+        unknown = sorted(set(data) - {"model", "inference", "training"})
+        if unknown:
+            raise ValueError(f"unknown config section(s) {unknown}; expected model, inference and training")
+        model = ModelConfig(**_tuple_fields(ModelConfig, data.get("model", {})))
+        model.validate()
+        return cls(
+            model=model,
+            inference=InferenceConfig(**_tuple_fields(InferenceConfig, data.get("inference", {}))),
+            training=TrainingConfig(**_tuple_fields(TrainingConfig, data.get("training", {}))),
+        )
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BundleConfig":
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"config {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"config {path} must be a YAML mapping")
+        return cls.from_dict(data)

@@ -1,0 +1,322 @@
+"""The engine: reference encoding and sliding-window segmentation of a target, world-correct."""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+from ..config import BundleConfig
+from ..errors import Cancelled, IrisInputError
+from .geometry import WorkingGrid
+from .intensity import normalise
+from .task import Colour, MemoryBank, TaskEmbedding, tune
+from .windows import batches, gaussian_weights, pad_to_window, tile
+
+log = logging.getLogger("IrisSegmentLib")
+
+BANK_FILE = "memory_bank.safetensors"
+Progress = Callable[[float, str], None]
+Cancel = Callable[[], bool]
+
+
+class SegmentationModel(Protocol):
+    def encode_task(self, ref_image: torch.Tensor, ref_masks: torch.Tensor) -> torch.Tensor: ...
+    def segment(self, image: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class SegmentationResult:
+    label_map: np.ndarray  # aligned voxel for voxel with the target; reference label values
+    labels: list[int]
+    names: list[str]
+    colours: list[Colour]
+    device: str
+    seconds: float
+    windows: int
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device in ("auto", None):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "gpu":
+        device = "cuda"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise IrisInputError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise IrisInputError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+
+
+def check_volume(image: np.ndarray, what: str) -> np.ndarray:
+    """A 3D scalar volume, or a message that says what it is and what to do."""
+    a = np.asarray(image)
+    if a.ndim == 4 and a.shape[3] == 1:
+        a = a[..., 0]
+    if a.ndim == 2:
+        raise IrisInputError(f"{what} is 2D {a.shape}; IrisSegment needs a 3D volume (stack the slices into one volume)")
+    if a.ndim == 4:
+        raise IrisInputError(f"{what} has 4 dimensions {a.shape} (a time series or multi-component image); extract one 3D volume or one component first")
+    if a.ndim != 3:
+        raise IrisInputError(f"{what} has {a.ndim} dimensions {a.shape}; a 3D volume is needed")
+    if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
+        raise IrisInputError(f"{what} has data type {a.dtype}; a real-valued scalar image is needed")
+    return a
+
+
+def _finite(image: np.ndarray, what: str) -> np.ndarray:
+    x = np.asarray(image, dtype=np.float32)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        fill = float(np.min(x[~bad])) if (~bad).any() else 0.0
+        warnings.warn(f"{what}: {int(bad.sum())} NaN/Inf voxels replaced by {fill:g}")
+        x = np.where(bad, fill, x)
+    return x
+
+
+class Segmenter:
+    """Encodes references into task embeddings and segments targets with them."""
+
+    def __init__(self, model: SegmentationModel, config: BundleConfig, device: str = "auto", model_id: str | None = None):
+        self.config = config
+        self.device = resolve_device(device)
+        self.model = model.to(self.device) if isinstance(model, torch.nn.Module) else model
+        if isinstance(self.model, torch.nn.Module):
+            self.model.eval().requires_grad_(False)
+        self.model_id = model_id or f"{config.model.name}-{config.model.fingerprint()}"
+        self.batch_size = config.inference.batch_size
+        self.bank = MemoryBank(config.training.bank_momentum, self.model_id)
+
+    @classmethod
+    def load(cls, name_or_path: str | None = None, device: str = "auto") -> "Segmenter":
+        """The bundled model (default) or a model folder."""
+        from ..weights import load_model
+
+        from ..resources import model_dir
+
+        model, cfg, _ = load_model(name_or_path)
+        seg = cls(model, cfg, device)
+        bank = model_dir(name_or_path) / BANK_FILE
+        if bank.is_file():
+            seg.bank = MemoryBank.load(bank)
+            seg.bank.model_id = seg.model_id
+        return seg
+
+    # -- preparation -------------------------------------------------------------------------
+    def _prepare(self, image, affine, modality: str, what: str) -> tuple[torch.Tensor, WorkingGrid, bool]:
+        img = _finite(check_volume(image, what), what)
+        grid = WorkingGrid.create(img.shape, affine, self.config.model.spacing)
+        constant = float(img.max() - img.min()) == 0.0
+        norm = normalise(img, modality, self.config.inference)
+        return grid.to_working(torch.from_numpy(norm)[None]), grid, constant
+
+    def _crops(self, mask: torch.Tensor) -> list[tuple[int, int, int]]:
+        """Window origins centred on a structure; several tiling its extent when it exceeds one window."""
+        win = self.config.model.window
+        pts = torch.nonzero(mask > 0)
+        lo, hi = pts.min(0).values.tolist(), pts.max(0).values.tolist()
+        per_axis = []
+        for a, b, w in zip(lo, hi, win):
+            ext = b - a + 1
+            if ext <= w:
+                per_axis.append([(a + b) // 2 - w // 2])
+            else:
+                n = int(np.ceil(ext / w))
+                per_axis.append([int(round(a + i * (ext - w) / max(n - 1, 1))) for i in range(n)])
+        origins = [(x, y, z) for x in per_axis[0] for y in per_axis[1] for z in per_axis[2]]
+        if len(origins) > self.config.inference.max_reference_crops:
+            idx = np.linspace(0, len(origins) - 1, self.config.inference.max_reference_crops).round().astype(int)
+            origins = [origins[i] for i in idx]
+        return origins
+
+    @staticmethod
+    def _extract(volume: torch.Tensor, origin, window, fill: float) -> torch.Tensor:
+        """(C, X, Y, Z) -> (C, *window) at `origin` (may lie partly outside), padded with `fill`."""
+        out = volume.new_full((volume.shape[0], *window), fill)
+        src = [slice(max(o, 0), min(o + w, n)) for o, w, n in zip(origin, window, volume.shape[1:])]
+        dst = [slice(s.start - o, s.stop - o) for s, o in zip(src, origin)]
+        out[(slice(None), *dst)] = volume[(slice(None), *src)]
+        return out
+
+    @staticmethod
+    def _working_masks(grid: WorkingGrid, label: np.ndarray, labels: list[int]) -> torch.Tensor:
+        """Binary masks on the working grid (trilinear, then >= 0.5; any overlap for structures that would vanish)."""
+        soft = grid.to_working(torch.from_numpy(np.stack([(label == v) for v in labels]).astype(np.float32)))
+        hard = soft >= 0.5
+        tiny = ~hard.flatten(1).any(1)
+        hard[tiny] = soft[tiny] > 0
+        return hard.float()
+
+    # -- task encoding -----------------------------------------------------------------------
+    def encode(self, image, affine, label, labels: list[int] | None = None, names: list[str] | None = None,
+               colours: list[Colour] | None = None, modality: str = "auto") -> TaskEmbedding:
+        """Task embedding of the structures `labels` (default: every non-zero value) in one reference."""
+        img = check_volume(image, "reference image")
+        lab = check_volume(label, "reference label")
+        if img.shape != lab.shape:
+            raise IrisInputError(f"reference image {img.shape} and label {lab.shape} differ in shape; give the label map drawn on this image")
+        lab = np.rint(_finite(lab, "reference label")).astype(np.int64)
+        present = [int(v) for v in np.unique(lab) if v != 0]
+        if not present:
+            raise IrisInputError("the reference label map is empty: draw the structures to segment on the reference first")
+        labels = list(labels) if labels else present
+        missing = [v for v in labels if v not in present]
+        if missing:
+            raise IrisInputError(f"label(s) {missing} not in the reference label map (it has {present})")
+        work, grid, constant = self._prepare(img, affine, modality, "reference image")
+        if constant:
+            warnings.warn("reference image is constant: its task embedding carries no appearance information")
+        masks = self._working_masks(grid, lab, labels)
+        win = self.config.model.window
+        fill = float(work.min())
+        tokens = []
+        with torch.inference_mode():
+            for k in range(len(labels)):
+                crops = []
+                for origin in self._crops(masks[k]):
+                    im = self._extract(work, origin, win, fill)[None].to(self.device)
+                    mk = self._extract(masks[k : k + 1], origin, win, 0.0)[None].to(self.device)
+                    if float(mk.sum()) > 0:
+                        crops.append(self.model.encode_task(im, mk)[0, 0].float().cpu())
+                if not crops:
+                    raise IrisInputError(f"label {labels[k]} is too small to see at the working spacing {self.config.model.spacing} mm")
+                tokens.append(torch.stack(crops).mean(0))
+        return TaskEmbedding(torch.stack(tokens), labels, list(names or []), list(colours or []), self.model_id)
+
+    def encode_references(self, references: list[tuple], labels: list[int] | None = None, names=None, colours=None,
+                          modality: str = "auto") -> TaskEmbedding:
+        """Context ensemble: the mean task embedding of several (image, affine, label) references."""
+        return TaskEmbedding.ensemble([self.encode(i, a, l, labels, names, colours, modality) for i, a, l in references])
+
+    def tune(self, task: TaskEmbedding, references: list[tuple], steps: int = 20, lr: float = 1e-2, modality: str = "auto") -> TaskEmbedding:
+        """In-context tuning: optimise the task tokens on labelled references, network frozen."""
+        win = self.config.model.window
+        ims, mks = [], []
+        for image, affine, label in references:
+            work, grid, _ = self._prepare(image, affine, modality, "tuning image")
+            lab = np.rint(np.asarray(label)).astype(np.int64)
+            masks = self._working_masks(grid, lab, task.labels)
+            for k in range(len(task.labels)):
+                if masks[k].max() > 0:
+                    origin = self._crops(masks[k])[0]
+                    ims.append(self._extract(work, origin, win, float(work.min())))
+                    mks.append(self._extract(masks, origin, win, 0.0))
+        if not ims:
+            raise IrisInputError("in-context tuning needs at least one image where the task's labels are present")
+        tokens = tune(self.model.segment, task.tokens.to(self.device)[None], torch.stack(ims).to(self.device),
+                      torch.stack(mks).to(self.device), steps, lr)
+        return TaskEmbedding(tokens[0].cpu(), task.labels, task.names, task.colours, task.model_id)
+
+    def retrieve(self, image, affine, task: TaskEmbedding, top_k: int = 1, modality: str = "auto",
+                 progress: Progress | None = None, cancel: Cancel | None = None) -> tuple[SegmentationResult, list[list[str]]]:
+        """Object-level retrieval: segment with `task`, encode the query's own predicted masks, replace
+        each class's embedding by the mean of its `top_k` most similar memory-bank entries, segment again."""
+        first = self.segment(image, affine, task, modality, progress=progress, cancel=cancel)
+        found = [v for v in task.labels if (first.label_map == v).any()]
+        if not found:
+            return first, [[] for _ in task.labels]
+        own = self.encode(image, affine, first.label_map, labels=found, modality=modality)
+        hits = dict(zip(found, self.bank.retrieve(own.tokens, top_k)))
+        tokens = task.tokens.clone()
+        for i, v in enumerate(task.labels):
+            if v in hits:
+                tokens[i] = torch.stack([self.bank.embeddings[n] for n, _ in hits[v]]).mean(0)
+        second = TaskEmbedding(tokens, task.labels, task.names, task.colours, task.model_id)
+        result = self.segment(image, affine, second, modality, progress=progress, cancel=cancel)
+        return result, [[n for n, _ in hits.get(v, [])] for v in task.labels]
+
+    # -- segmentation ------------------------------------------------------------------------
+    def segment(self, image, affine, task: TaskEmbedding, modality: str = "auto", overlap: float | None = None,
+                progress: Progress | None = None, cancel: Cancel | None = None) -> SegmentationResult:
+        """Label map of the task's structures in `image`, on the image's own grid."""
+        t0 = time.perf_counter()
+        if task.model_id != self.model_id:
+            raise IrisInputError(f"the task embedding was made by model {task.model_id!r}, not by the loaded {self.model_id!r}; encode the reference again with this model")
+        overlap = self.config.inference.overlap if overlap is None else overlap
+        if not 0 <= overlap < 1:
+            raise IrisInputError(f"overlap must be in [0, 1), not {overlap}")
+        report = progress or (lambda f, m: None)
+        work, grid, constant = self._prepare(image, affine, modality, "target image")
+        shape = tuple(np.asarray(image).shape[:3])
+        if constant:
+            warnings.warn("target image is constant: nothing can be segmented; the result is empty")
+            return SegmentationResult(np.zeros(shape, np.uint8), task.labels, task.names, task.colours, str(self.device), time.perf_counter() - t0, 0)
+        probs, n_windows = self._sliding_window(work, task.tokens, overlap, report, cancel)
+        label_map = self._to_label_map(probs, grid, task.labels)
+        report(1.0, "done")
+        return SegmentationResult(label_map, task.labels, task.names, task.colours, str(self.device), time.perf_counter() - t0, n_windows)
+
+    def _sliding_window(self, work: torch.Tensor, tokens: torch.Tensor, overlap: float, report: Progress,
+                        cancel: Cancel | None) -> tuple[torch.Tensor, int]:
+        """Gaussian-blended class probabilities (K, X, Y, Z) on the working grid."""
+        win = self.config.model.window
+        padded, shape = pad_to_window(work, win)
+        origins = tile(padded.shape[1:], win, overlap)
+        k = tokens.shape[0]
+        acc = torch.zeros((k, *padded.shape[1:]), dtype=torch.float32)
+        wsum = torch.zeros(padded.shape[1:], dtype=torch.float32)
+        weight = gaussian_weights(win, self.config.inference.gaussian_sigma_scale)
+        done = 0
+        pending = list(origins)
+        while pending:
+            chunk = pending[: self.batch_size]
+            if cancel is not None and cancel():
+                raise Cancelled("segmentation cancelled")
+            try:
+                probs = self._forward(padded, chunk, tokens)
+            except torch.cuda.OutOfMemoryError:
+                self._shrink_after_oom()
+                continue
+            for o, p in zip(chunk, probs):
+                sl = tuple(slice(a, a + w) for a, w in zip(o, win))
+                acc[(slice(None), *sl)] += p * weight
+                wsum[sl] += weight
+            pending = pending[len(chunk):]
+            done += len(chunk)
+            report(0.05 + 0.85 * done / len(origins), f"window {done}/{len(origins)}")
+        probs = acc / wsum.clamp_min(1e-12)
+        return probs[(slice(None), *(slice(0, n) for n in shape))], len(origins)
+
+    def _forward(self, padded: torch.Tensor, origins, tokens: torch.Tensor) -> torch.Tensor:
+        win = self.config.model.window
+        x = torch.stack([padded[(slice(None), *(slice(a, a + w) for a, w in zip(o, win)))] for o in origins]).to(self.device)
+        cuda = self.device.type == "cuda"
+        half = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+        with torch.inference_mode(), torch.autocast("cuda", dtype=half, enabled=cuda):
+            logits = self.model.segment(x, tokens.to(self.device)[None])
+        return torch.sigmoid(logits.float()).cpu()
+
+    def _shrink_after_oom(self) -> None:
+        """CUDA out of memory: halve the window batch, then fall back to the CPU; say so."""
+        torch.cuda.empty_cache()
+        if self.batch_size > 1:
+            self.batch_size //= 2
+            msg = f"GPU out of memory: retrying with {self.batch_size} window(s) per batch"
+        else:
+            self.device = torch.device("cpu")
+            self.model = self.model.to(self.device)
+            msg = "GPU out of memory even with one window: continuing on the CPU (slower)"
+        warnings.warn(msg)
+        log.warning(msg)
+
+    def _to_label_map(self, probs: torch.Tensor, grid: WorkingGrid, labels: list[int]) -> np.ndarray:
+        """Probabilities resampled onto the target grid class by class; argmax over classes with p >= threshold."""
+        best = None
+        arg = None
+        for k in range(probs.shape[0]):
+            p = grid.from_working(probs[k : k + 1])[0]
+            if best is None:
+                best, arg = p, torch.zeros(p.shape, dtype=torch.int64)
+            else:
+                better = p > best
+                best = torch.where(better, p, best)
+                arg[better] = k
+        values = torch.tensor([0, *labels])
+        out = torch.where(best >= self.config.inference.threshold, values[arg + 1], 0)
+        dtype = np.uint8 if max(labels) < 256 else np.uint16 if max(labels) < 65536 else np.int32
+        return out.numpy().astype(dtype)

@@ -1,0 +1,164 @@
+"""Task embeddings as first-class objects: save/load, context ensemble, memory bank, in-context tuning."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..errors import IrisInputError
+
+Colour = tuple[float, float, float]
+
+
+def default_colour(i: int) -> Colour:
+    """A distinct colour per class (golden-ratio hue walk), RGB in [0, 1]."""
+    import colorsys
+
+    return tuple(round(c, 4) for c in colorsys.hsv_to_rgb((0.11 + i * 0.618034) % 1.0, 0.75, 0.95))
+
+
+@dataclass
+class TaskEmbedding:
+    """Tokens per class (K, m+1, C) with label values, names, colours and the model they belong to."""
+
+    tokens: torch.Tensor
+    labels: list[int]
+    names: list[str] = field(default_factory=list)
+    colours: list[Colour] = field(default_factory=list)
+    model_id: str = ""
+
+    def __post_init__(self):
+        k = self.tokens.shape[0]
+        if len(self.labels) != k:
+            raise ValueError(f"{k} token sets but {len(self.labels)} labels")
+        if not self.names:
+            self.names = [f"label {v}" for v in self.labels]
+        if not self.colours:
+            self.colours = [default_colour(i) for i in range(k)]
+
+    def select(self, labels: list[int]) -> "TaskEmbedding":
+        idx = [self.labels.index(v) for v in labels]
+        return TaskEmbedding(self.tokens[idx], list(labels), [self.names[i] for i in idx], [self.colours[i] for i in idx], self.model_id)
+
+    def save(self, path: str | Path) -> None:
+        meta = {"labels": self.labels, "names": self.names, "colours": [list(c) for c in self.colours], "model_id": self.model_id}
+        save_file({"tokens": self.tokens.detach().cpu().float().contiguous()}, str(path), metadata={"task": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TaskEmbedding":
+        p = Path(path)
+        if not p.is_file():
+            raise IrisInputError(f"{p}: task file not found")
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["task"])
+                tokens = f.get_tensor("tokens")
+        except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as e:
+            raise IrisInputError(f"{p}: not an IrisSegment task file ({e})") from None
+        return cls(tokens, [int(v) for v in meta["labels"]], meta["names"], [tuple(c) for c in meta["colours"]], meta["model_id"])
+
+    @staticmethod
+    def ensemble(tasks: list["TaskEmbedding"]) -> "TaskEmbedding":
+        """Context ensemble: per label, the mean of the embeddings of every task that has it."""
+        if not tasks:
+            raise ValueError("no task embeddings to combine")
+        ids = {t.model_id for t in tasks}
+        if len(ids) > 1:
+            raise IrisInputError(f"task embeddings come from different models {sorted(ids)}; encode all references with one model")
+        first = tasks[0]
+        labels = list(dict.fromkeys(v for t in tasks for v in t.labels))
+        tokens, names, colours = [], [], []
+        for v in labels:
+            have = [t for t in tasks if v in t.labels]
+            tokens.append(torch.stack([t.tokens[t.labels.index(v)] for t in have]).mean(0))
+            src = have[0]
+            names.append(src.names[src.labels.index(v)])
+            colours.append(src.colours[src.labels.index(v)])
+        return TaskEmbedding(torch.stack(tokens), labels, names, colours, first.model_id)
+
+
+class MemoryBank:
+    """A library of named class embeddings (m+1, C): EMA updates and retrieval by cosine similarity."""
+
+    def __init__(self, momentum: float = 0.99, model_id: str = ""):
+        self.momentum = momentum
+        self.model_id = model_id
+        self.embeddings: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def update(self, name: str, tokens: torch.Tensor) -> None:
+        """T <- a*T + (1-a)*T_new; the first sighting initialises the entry."""
+        t = tokens.detach().float().cpu()
+        if name in self.embeddings:
+            self.embeddings[name].mul_(self.momentum).add_(t, alpha=1 - self.momentum)
+        else:
+            self.embeddings[name] = t.clone()
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def retrieve(self, tokens: torch.Tensor, top_k: int = 1) -> list[list[tuple[str, float]]]:
+        """For each query class (K, m+1, C): the most similar stored names with their cosine similarity."""
+        if not self.embeddings:
+            raise IrisInputError("the memory bank is empty")
+        names = list(self.embeddings)
+        bank = torch.stack([self.embeddings[n].flatten() for n in names])
+        sim = F.cosine_similarity(tokens.float().cpu().flatten(1)[:, None], bank[None], dim=-1)
+        out = []
+        for row in sim:
+            vals, idx = row.topk(min(top_k, len(names)))
+            out.append([(names[i], float(v)) for v, i in zip(vals, idx)])
+        return out
+
+    def task(self, names: list[str], labels: list[int] | None = None) -> TaskEmbedding:
+        """A task embedding made from stored classes, segmentation with no reference at all."""
+        missing = [n for n in names if n not in self.embeddings]
+        if missing:
+            raise IrisInputError(f"not in the memory bank: {missing}; known: {sorted(self.embeddings)[:20]}")
+        labels = labels or list(range(1, len(names) + 1))
+        return TaskEmbedding(torch.stack([self.embeddings[n] for n in names]), labels, list(names), model_id=self.model_id)
+
+    def save(self, path: str | Path) -> None:
+        save_file({k: v.contiguous() for k, v in self.embeddings.items()}, str(path),
+                  metadata={"momentum": str(self.momentum), "counts": json.dumps(self.counts), "model_id": self.model_id})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MemoryBank":
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            bank = cls(float(meta.get("momentum", 0.99)), meta.get("model_id", ""))
+            bank.embeddings = {k: f.get_tensor(k) for k in f.keys()}
+        bank.counts = json.loads(meta.get("counts", "{}"))
+        return bank
+
+
+def tune(
+    segment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    tokens: torch.Tensor,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    steps: int = 20,
+    lr: float = 1e-2,
+    loss_fn: Callable | None = None,
+) -> torch.Tensor:
+    """In-context tuning: optimise only the task tokens (network frozen) on labelled crops.
+
+    `segment(images, tokens) -> logits`; images (N, 1, D, H, W), masks (N, K, D, H, W). Returns new tokens.
+    """
+    from ..training.losses import dice_bce
+
+    loss_fn = loss_fn or dice_bce
+    t = tokens.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([t], lr=lr)
+    valid = torch.ones(masks.shape[:2], dtype=torch.bool, device=masks.device)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = loss_fn(segment(images, t), masks, valid)
+            loss.backward()
+            opt.step()
+    return t.detach()

@@ -1,0 +1,478 @@
+"""IrisSegmentLib.mrml against a real MRML scene (the `slicer-core` wheel, no Qt, no Slicer application).
+
+The scene is set up as trame-slicer's SlicerApp does: scene + application logic + segmentations logic.
+Volumes have oblique, anisotropic IJK-to-RAS matrices (one under a linear transform); the reference
+segmentation has a third geometry of its own, a shared labelmap and a parent transform. The engine
+runs with an oracle (BandOracle: keeps the intensity band of each reference structure, so positions
+can be checked) and with the tiny network (seeded random weights, not a trained model: mechanics only).
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (pip install 'slicer-core>=5.13') for a real MRML scene")
+vtk = pytest.importorskip("vtk")
+from vtk.util import numpy_support  # noqa: E402
+
+from conftest import TINY_CONFIG, dice, make_affine, rot_x, rot_y, rot_z, voxel_world  # noqa: E402
+
+from IrisSegmentLib import mrml  # noqa: E402
+from IrisSegmentLib.config import BundleConfig  # noqa: E402
+from IrisSegmentLib.errors import Cancelled, IrisInputError  # noqa: E402
+from IrisSegmentLib.inference.segmenter import Segmenter  # noqa: E402
+from IrisSegmentLib.inference.task import TaskEmbedding  # noqa: E402
+
+LIVER_TERM = "Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^"
+
+# World phantom: (name, centre RAS mm, radius mm, intensity). The target subject is shifted.
+STRUCTURES = [("liver", np.array([4.0, -3.0, 2.0]), 11.0, 100.0), ("spleen", np.array([-9.0, 7.0, -4.0]), 8.0, -100.0)]
+SHIFT = np.array([3.0, -2.0, 4.0])
+COLOURS = {"liver": (0.85, 0.4, 0.3), "spleen": (0.55, 0.2, 0.8)}
+
+
+# -- scene and geometry helpers ------------------------------------------------------------------
+class SlicerCore:
+    """Scene + application logic + segmentations logic + subject hierarchy, as trame-slicer's SlicerApp sets them up."""
+
+    def __init__(self):
+        from vtkmodules.vtkCommonCore import vtkCollection
+
+        self.scene = slicer.vtkMRMLScene()
+        self.app_logic = slicer.vtkSlicerApplicationLogic()
+        self.app_logic.SetMRMLScene(self.scene)
+        self.app_logic.GetColorLogic().SetMRMLScene(self.scene)
+        self.app_logic.GetColorLogic().AddDefaultColorNodes()
+        self.app_logic.SetSliceLogics(vtkCollection())
+        self.app_logic.SetViewLogics(vtkCollection())
+        self.segmentation_logic = slicer.vtkSlicerSegmentationsModuleLogic()
+        self.segmentation_logic.SetMRMLScene(self.scene)
+        self.segmentation_logic.SetMRMLApplicationLogic(self.app_logic)
+        self.app_logic.SetModuleLogic("Segmentations", self.segmentation_logic)
+        self.subject_hierarchy_logic = slicer.vtkSlicerSubjectHierarchyModuleLogic()
+        self.subject_hierarchy_logic.SetMRMLScene(self.scene)
+        self.subject_hierarchy_logic.SetMRMLApplicationLogic(self.app_logic)
+
+
+def grid(directions: np.ndarray, spacing, shape, centre) -> np.ndarray:
+    """IJK-to-RAS with the volume's centre voxel at `centre`."""
+    linear = directions @ np.diag(spacing)
+    return make_affine(linear, np.asarray(centre) - linear @ ((np.asarray(shape) - 1) / 2))
+
+
+def truth(shape, ijk_to_world, shift=np.zeros(3)) -> dict[str, np.ndarray]:
+    p = voxel_world(shape, ijk_to_world)
+    return {n: np.linalg.norm(p - (c + shift), axis=-1) <= r for n, c, r, _ in STRUCTURES}
+
+
+def phantom(shape, ijk_to_world, shift=np.zeros(3)) -> np.ndarray:
+    out = np.zeros(shape, np.int16)
+    masks = truth(shape, ijk_to_world, shift)
+    for name, _, _, value in STRUCTURES:
+        out[masks[name]] = value
+    return out
+
+
+def vtk_matrix(a: np.ndarray):
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, a[r, c])
+    return m
+
+
+def add_volume(scene, name: str, array: np.ndarray, world: np.ndarray, transform=None):
+    """A scalar volume whose voxel (i, j, k) = array[i, j, k] lies at `world` @ ijk (through `transform` if given)."""
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    image = vtk.vtkImageData()
+    image.SetDimensions(*array.shape)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(np.ascontiguousarray(array.transpose(2, 1, 0)).ravel(), deep=True))
+    node.SetAndObserveImageData(image)
+    local = world
+    if transform is not None:
+        node.SetAndObserveTransformNodeID(transform.GetID())
+        local = np.linalg.inv(mrml.to_world(node)) @ world
+    node.SetIJKToRASMatrix(vtk_matrix(local))
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def add_transform(scene, matrix: np.ndarray):
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    node.SetMatrixTransformToParent(vtk_matrix(matrix))
+    return node
+
+
+def segment_world_mask(seg_node, segment_id: str, shape, ijk_to_world) -> np.ndarray:
+    """A segment resampled onto a world grid (its label value, parent transforms applied)."""
+    return mrml.segment_masks(seg_node, [segment_id], shape, ijk_to_world)[0]
+
+
+def internal_labelmap(seg_node, segment_id: str) -> tuple[np.ndarray, np.ndarray, tuple]:
+    rep = seg_node.GetSegmentation().GetSegment(segment_id).GetRepresentation(mrml.BINARY_LABELMAP)
+    m = vtk.vtkMatrix4x4()
+    rep.GetImageToWorldMatrix(m)
+    scalars = rep.GetPointData().GetScalars()
+    data = numpy_support.vtk_to_numpy(scalars).copy() if scalars is not None else np.zeros(0)
+    return data, mrml._to_numpy(m), tuple(rep.GetExtent())
+
+
+def centroid(mask: np.ndarray, ijk_to_world: np.ndarray) -> np.ndarray:
+    ijk = np.argwhere(mask).mean(0)
+    return ijk_to_world[:3, :3] @ ijk + ijk_to_world[:3, 3]
+
+
+def segment_ids(seg_node) -> list[str]:
+    s = seg_node.GetSegmentation()
+    return [s.GetNthSegmentID(i) for i in range(s.GetNumberOfSegments())]
+
+
+class BandOracle:
+    """A stand-in network for two structures, one brighter and one darker than the background: the
+    task token is the reference structure's mean normalised intensity, and segmentation keeps the
+    voxels within `width` of it. Counts how often it encodes."""
+
+    def __init__(self, width: float = 0.9):
+        self.width = width
+        self.encodes = 0
+
+    def encode_task(self, ref_image: torch.Tensor, ref_masks: torch.Tensor) -> torch.Tensor:
+        self.encodes += 1
+        m = (ref_masks > 0.5).float()
+        mean = (ref_image * m).sum((2, 3, 4)) / m.sum((2, 3, 4)).clamp_min(1)  # (B, K)
+        return mean[..., None, None].expand(-1, -1, 2, 4).clone()  # (B, K, m+1, C)
+
+    def segment(self, image: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        mu = tokens[:, :, 0, 0][..., None, None, None]  # (1, K, 1, 1, 1)
+        return 20 * (self.width - (image - mu).abs())
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+REF_SHAPE, TARGET_SHAPE, SEG_SHAPE = (54, 46, 30), (38, 60, 40), (60, 62, 58)
+REF_WORLD = grid(rot_z(20) @ rot_x(15), [0.9, 1.1, 1.6], REF_SHAPE, [-2, 2, -1])
+TARGET_WORLD = grid(rot_y(-30) @ rot_x(20) @ np.diag([-1, -1, 1]), [1.3, 0.8, 1.2], TARGET_SHAPE, SHIFT + [-2, 2, -1])  # LPS-like, oblique
+SEG_WORLD = grid(np.eye(3), [0.7, 0.7, 0.7], SEG_SHAPE, [-2.5, 1.5, -1.0])
+TARGET_TRANSFORM = make_affine(rot_x(10), [5, -4, 3])
+SEG_TRANSFORM = make_affine(rot_z(-15), [-3, 2, 1])
+
+
+@pytest.fixture(scope="module")
+def core():
+    return SlicerCore()
+
+
+@pytest.fixture()
+def case(core):
+    """Reference volume + reference segmentation (own geometry, shared labelmap, parent transform) + target volume."""
+    scene = core.scene
+    scene.Clear(0)
+    ref = add_volume(scene, "reference", phantom(REF_SHAPE, REF_WORLD), REF_WORLD)
+    target = add_volume(scene, "target", phantom(TARGET_SHAPE, TARGET_WORLD, SHIFT), TARGET_WORLD, add_transform(scene, TARGET_TRANSFORM))
+    seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "reference segmentation")
+    seg_node.CreateDefaultDisplayNodes()
+    seg_node.SetAndObserveTransformNodeID(add_transform(scene, SEG_TRANSFORM).GetID())
+    masks = truth(SEG_SHAPE, SEG_WORLD)
+    labels = np.zeros(SEG_SHAPE, np.uint8)
+    labels[masks["liver"]] = 1
+    labels[masks["spleen"]] = 2
+    shared = mrml._oriented_image(labels, np.linalg.inv(SEG_TRANSFORM) @ SEG_WORLD)
+    for value, (name, *_rest) in enumerate(STRUCTURES, 1):
+        segment = slicer.vtkSegment()
+        segment.SetName(name)
+        segment.SetColor(*COLOURS[name])
+        if name == "liver":
+            segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), LIVER_TERM)
+        segment.AddRepresentation(mrml.BINARY_LABELMAP, shared)
+        segment.SetLabelValue(value)
+        seg_node.GetSegmentation().AddSegment(segment, f"ref_{name}")
+    assert seg_node.GetSegmentation().GetNumberOfLayers() == 1
+    return scene, ref, seg_node, target
+
+
+@pytest.fixture()
+def band_oracle():
+    model = BandOracle()
+    return model, mrml.Engine(Segmenter(model, BundleConfig.load(TINY_CONFIG), "cpu", model_id="oracle"))
+
+
+# -- tests ---------------------------------------------------------------------------------------
+def test_volume_array_is_ijk_with_world_matrix(case):
+    scene, ref, _, target = case
+    image, affine = mrml.volume_array(target)
+    assert image.shape == TARGET_SHAPE
+    np.testing.assert_allclose(affine, TARGET_WORLD, atol=1e-6)
+    np.testing.assert_array_equal(image, phantom(TARGET_SHAPE, TARGET_WORLD, SHIFT))
+    numpy_support.vtk_to_numpy(target.GetImageData().GetPointData().GetScalars())[:] = 7
+    assert image.max() == 100  # a copy: later edits of the volume do not reach a running computation
+
+
+def test_reference_segments_read_in_reference_geometry(case):
+    _, ref, seg_node, _ = case
+    reference, infos = mrml.read_reference(ref, seg_node, ["liver", "ref_spleen"])  # a name and an ID
+    expected = truth(REF_SHAPE, REF_WORLD)
+    assert [i.name for i in infos] == ["liver", "spleen"]
+    assert infos[0].terminology == LIVER_TERM
+    assert infos[1].terminology == seg_node.GetSegmentation().GetSegment("ref_spleen").GetTerminology()  # Slicer's default
+    assert dice(reference.masks[0], expected["liver"]) > 0.95
+    assert dice(reference.masks[1], expected["spleen"]) > 0.93
+    assert not np.logical_and(*reference.masks).any()  # the shared labelmap is split by label value
+
+
+def test_oracle_segments_land_at_right_positions_in_target_geometry(case, band_oracle):
+    scene, ref, seg_node, target = case
+    model, engine = band_oracle
+    ids = mrml.segment_volume(target, ref, seg_node, ["liver", "spleen"], None, "cpu", engine=engine, show_3d=True)
+    outputs = [n for n in scene.GetNodesByClass("vtkMRMLSegmentationNode") if n is not seg_node]
+    assert len(outputs) == 1
+    out = outputs[0]
+    assert out.GetParentTransformNode() is target.GetParentTransformNode()
+    assert out.GetSegmentation().ContainsRepresentation("Closed surface") and out.GetDisplayNode() is not None
+    segmentation = out.GetSegmentation()
+    assert [segmentation.GetSegment(s).GetName() for s in ids] == ["liver", "spleen"]
+    for sid, name in zip(ids, ["liver", "spleen"]):
+        assert segmentation.GetSegment(sid).GetColor() == pytest.approx(COLOURS[name])
+    tag = vtk.reference("")
+    assert segmentation.GetSegment(ids[0]).GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), tag) and str(tag) == LIVER_TERM
+    # Stored exactly on the target's grid, in the output's (transformed) coordinates.
+    _, matrix, extent = internal_labelmap(out, ids[0])
+    np.testing.assert_allclose(matrix, np.linalg.inv(TARGET_TRANSFORM) @ TARGET_WORLD, atol=1e-6)
+    assert extent == (0, 37, 0, 59, 0, 39)
+    # At the right world positions: compare with the shifted phantom on the target grid.
+    expected = truth(TARGET_SHAPE, TARGET_WORLD, SHIFT)
+    for sid, (name, centre, _, _) in zip(ids, STRUCTURES):
+        got = segment_world_mask(out, sid, TARGET_SHAPE, TARGET_WORLD)
+        assert dice(got, expected[name]) > 0.85, name
+        np.testing.assert_allclose(centroid(got, TARGET_WORLD), centre + SHIFT, atol=1.0)
+    assert model.encodes > 0
+
+
+def test_existing_segments_untouched_and_name_clash_renamed(case, band_oracle):
+    scene, ref, seg_node, target = case
+    _, engine = band_oracle
+    out = mrml.create_output_segmentation(target, "results")
+    old = out.GetSegmentation().AddEmptySegment("", "liver", [0.1, 0.9, 0.1])
+    blob = np.zeros((20, 20, 20), np.uint8)
+    blob[4:16, 4:16, 4:16] = 1  # overlaps where the new liver will be
+    old_world = grid(np.eye(3), [1.5, 1.5, 1.5], [20, 20, 20], STRUCTURES[0][1] + SHIFT)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        mrml._oriented_image(blob, np.linalg.inv(TARGET_TRANSFORM) @ old_world), out, old, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+    before = internal_labelmap(out, old)
+    ids = mrml.segment_volume(target, ref, seg_node, None, out, "cpu", engine=engine)
+    segmentation = out.GetSegmentation()
+    assert segment_ids(out) == [old, *ids]
+    assert [segmentation.GetSegment(s).GetName() for s in segment_ids(out)] == ["liver", "liver (2)", "spleen"]
+    after = internal_labelmap(out, old)
+    np.testing.assert_array_equal(after[0], before[0])
+    np.testing.assert_allclose(after[1], before[1])
+    assert after[2] == before[2]
+    assert segmentation.GetSegment(old).GetColor() == pytest.approx((0.1, 0.9, 0.1))
+    assert segment_world_mask(out, old, (20, 20, 20), old_world).sum() == blob.sum()
+    # The reference segmentation is untouched too.
+    assert segment_ids(seg_node) == ["ref_liver", "ref_spleen"]
+
+
+def test_cancel_adds_nothing(case, band_oracle):
+    scene, ref, seg_node, target = case
+    _, engine = band_oracle
+    out = mrml.create_output_segmentation(target)
+    nodes = scene.GetNumberOfNodes()
+    with pytest.raises(Cancelled):
+        mrml.segment_volume(target, ref, seg_node, None, out, "cpu", cancel=lambda: True, engine=engine)
+    with pytest.raises(Cancelled):
+        mrml.segment_volume(target, ref, seg_node, None, None, "cpu", cancel=lambda: True, engine=engine)
+    assert out.GetSegmentation().GetNumberOfSegments() == 0
+    assert scene.GetNumberOfNodes() == nodes
+
+
+def test_errors_add_nothing_and_say_what_to_do(case, band_oracle):
+    scene, ref, seg_node, target = case
+    _, engine = band_oracle
+    out = mrml.create_output_segmentation(target)
+    empty = seg_node.GetSegmentation().AddEmptySegment("", "kidney", [0, 0, 1])
+    with pytest.raises(IrisInputError, match="'kidney' is empty"):
+        mrml.segment_volume(target, ref, seg_node, ["liver", empty], out, "cpu", engine=engine)
+    with pytest.raises(IrisInputError, match="'pancreas' is not in"):
+        mrml.segment_volume(target, ref, seg_node, ["pancreas"], out, "cpu", engine=engine)
+    grid_transform = scene.AddNewNodeByClass("vtkMRMLGridTransformNode")
+    target.SetAndObserveTransformNodeID(grid_transform.GetID())
+    with pytest.raises(IrisInputError, match="non-linear transform .* harden"):
+        mrml.segment_volume(target, ref, seg_node, None, out, "cpu", engine=engine)
+    assert out.GetSegmentation().GetNumberOfSegments() == 0
+
+
+def test_write_failure_rolls_back(case, band_oracle):
+    _, ref, seg_node, target = case
+    _, engine = band_oracle
+    pending = mrml.compute_segments(target, ref, seg_node, None, "cpu", engine=engine)
+    out = mrml.create_output_segmentation(target)
+    calls = []
+
+    def add(node, name, colour, labelmap):
+        if calls:
+            raise RuntimeError("disk full")
+        calls.append(name)
+        return node.GetSegmentation().AddEmptySegment("", name, colour)
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        mrml.write_segments(pending, out, add=add)
+    assert calls == ["liver"] and out.GetSegmentation().GetNumberOfSegments() == 0
+
+
+def test_add_hook_gets_binary_labelmaps_on_target_grid(case, band_oracle):
+    """The Segment Editor effect's path: one binary labelmap per segment, in the output's coordinates."""
+    _, ref, seg_node, target = case
+    _, engine = band_oracle
+    pending = mrml.compute_segments(target, ref, seg_node, None, "cpu", engine=engine)
+    out = mrml.create_output_segmentation(target)
+    seen = {}
+
+    def add(node, name, colour, labelmap):
+        seen[name] = internal_labelmap_of(labelmap)
+        sid = node.GetSegmentation().AddEmptySegment("", name, colour)
+        slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(labelmap, node, sid, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+        return sid
+
+    ids = mrml.write_segments(pending, out, add=add)
+    assert list(seen) == ["liver", "spleen"]
+    for values, matrix in seen.values():
+        assert set(np.unique(values)) <= {0, 1}
+        np.testing.assert_allclose(matrix, np.linalg.inv(TARGET_TRANSFORM) @ TARGET_WORLD, atol=1e-6)
+    tag = vtk.reference("")
+    assert out.GetSegmentation().GetSegment(ids[0]).GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), tag)
+
+
+def internal_labelmap_of(image) -> tuple[np.ndarray, np.ndarray]:
+    m = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(m)
+    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).copy(), mrml._to_numpy(m)
+
+
+def test_seg_nrrd_round_trip_keeps_masks(case, band_oracle, tmp_path):
+    scene, ref, seg_node, target = case
+    _, engine = band_oracle
+    out = mrml.create_output_segmentation(target)
+    existing = out.GetSegmentation().AddEmptySegment("", "existing", [1, 1, 0])
+    blob = np.zeros(TARGET_SHAPE, np.uint8)
+    blob[10:20, 20:40, 15:25] = 1  # overlaps the new liver: the file keeps two layers
+    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        mrml._oriented_image(blob, np.linalg.inv(TARGET_TRANSFORM) @ TARGET_WORLD), out, existing, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+    ids = mrml.segment_volume(target, ref, seg_node, None, out, "cpu", engine=engine)
+    masks = {out.GetSegmentation().GetSegment(s).GetName(): segment_world_mask(out, s, TARGET_SHAPE, TARGET_WORLD) for s in [existing, *ids]}
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(tmp_path / "results.seg.nrrd"))
+    assert storage.WriteData(out)
+    loaded = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "loaded")
+    loaded.SetAndObserveTransformNodeID(out.GetTransformNodeID())
+    reader = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    reader.SetFileName(str(tmp_path / "results.seg.nrrd"))
+    assert reader.ReadData(loaded)
+    segmentation = loaded.GetSegmentation()
+    names = {segmentation.GetSegment(s).GetName(): s for s in segment_ids(loaded)}
+    assert set(names) == {"existing", "liver", "spleen"}
+    for name, mask in masks.items():
+        assert mask.any()
+        np.testing.assert_array_equal(segment_world_mask(loaded, names[name], TARGET_SHAPE, TARGET_WORLD), mask)
+        assert segmentation.GetSegment(names[name]).GetColor() == pytest.approx(COLOURS.get(name, (1, 1, 0)))
+
+
+def test_output_placed_beside_target_in_subject_hierarchy(case, band_oracle):
+    scene, ref, seg_node, target = case
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    study = hierarchy.CreateFolderItem(hierarchy.GetSceneItemID(), "study")
+    hierarchy.CreateItem(study, target)
+    out = mrml.create_output_segmentation(target)
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(out)) == study
+    assert mrml.source_volume(out) is target
+
+
+def test_model_and_task_cached_between_runs(case, band_oracle):
+    _, ref, seg_node, target = case
+    model, engine = band_oracle
+    mrml.compute_segments(target, ref, seg_node, None, "cpu", engine=engine)
+    encodes = model.encodes
+    assert engine.last.reused_task is False
+    mrml.compute_segments(target, ref, seg_node, None, "cpu", engine=engine)
+    assert model.encodes == encodes and engine.last.reused_task is True
+    seg_node.GetSegmentation().GetSegment("ref_spleen").SetName("big spleen")  # a different task now
+    mrml.compute_segments(target, ref, seg_node, None, "cpu", engine=engine)
+    assert model.encodes > encodes and engine.last.reused_task is False
+
+
+def test_context_ensemble_and_keep_largest(case, band_oracle):
+    scene, ref, seg_node, target = case
+    _, engine = band_oracle
+    world2 = grid(rot_z(60), [1.0, 1.0, 1.4], [50, 50, 34], [-2, 2, -1])
+    ref2 = add_volume(scene, "reference 2", phantom((50, 50, 34), world2), world2)
+    seg2 = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "reference 2 segmentation")
+    seg2.SetNodeReferenceID(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole(), ref2.GetID())
+    sid = seg2.GetSegmentation().AddEmptySegment("", "Liver ", [1, 0, 0])  # matched by name, case and spaces aside
+    labels = truth((50, 50, 34), world2)["liver"].astype(np.uint8)
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(mrml._oriented_image(labels, world2), seg2, sid, 0)
+    pending = mrml.compute_segments(target, ref, seg_node, None, "cpu", extra_references=[(None, seg2)], keep_largest=True, engine=engine)
+    expected = truth(TARGET_SHAPE, TARGET_WORLD, SHIFT)
+    assert dice(pending.label_map == 1, expected["liver"]) > 0.85
+    assert dice(pending.label_map == 2, expected["spleen"]) > 0.85
+    lonely = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "unrelated")
+    lonely.GetSegmentation().AddEmptySegment("", "heart", [1, 0, 0])
+    with pytest.raises(IrisInputError, match="has none of the segments"):
+        mrml.compute_segments(target, ref, seg_node, None, "cpu", extra_references=[(ref2, lonely)], engine=engine)
+
+
+def test_keep_largest_component():
+    lm = np.zeros((12, 12, 12), np.uint8)
+    lm[1:5, 1:5, 1:5] = 1
+    lm[8:10, 8:10, 8:10] = 1
+    lm[6, 0, 0] = 2
+    out = mrml.keep_largest_component(lm, [1, 2, 3])
+    assert (out == 1).sum() == 64 and (out == 2).sum() == 1 and out[8, 8, 8] == 0
+
+
+def test_saved_task_segments_without_reference(case, band_oracle, tmp_path):
+    scene, ref, seg_node, target = case
+    _, engine = band_oracle
+    task = mrml.encode_task(ref, seg_node, ["liver"], "cpu", engine=engine)
+    path = mrml.save_task(task, tmp_path / "tasks", "Liver / CT")
+    assert mrml.saved_tasks(tmp_path / "tasks") == {"Liver _ CT": path}
+    with pytest.raises(IrisInputError, match="name"):
+        mrml.save_task(task, tmp_path / "tasks", " / ")
+    out = mrml.create_output_segmentation(target)
+    ids = mrml.segment_volume(target, None, None, None, out, "cpu", task=path, engine=engine)
+    got = segment_world_mask(out, ids[0], TARGET_SHAPE, TARGET_WORLD)
+    assert out.GetSegmentation().GetSegment(ids[0]).GetName() == "liver"
+    assert dice(got, truth(TARGET_SHAPE, TARGET_WORLD, SHIFT)["liver"]) > 0.85
+    assert isinstance(TaskEmbedding.load(path), TaskEmbedding)
+
+
+def test_worker_thread_waits_and_relays_progress_on_calling_thread(case, band_oracle):
+    _, ref, seg_node, target = case
+    model, _ = band_oracle
+    waits, reports = [], []
+    engine = mrml.Engine(Segmenter(model, BundleConfig.load(TINY_CONFIG), "cpu", model_id="oracle"), wait=lambda: waits.append(1), slice_s=0.001)
+    main = threading.get_ident()
+    pending = mrml.compute_segments(target, ref, seg_node, None, "cpu", engine=engine,
+                                    progress=lambda f, m: reports.append((threading.get_ident(), f, m)))
+    assert pending.label_map.shape == TARGET_SHAPE
+    assert reports and all(t == main for t, _, _ in reports) and reports[-1][1] == 1.0
+    assert waits
+    with pytest.raises(Cancelled):  # the worker's exception reaches the caller
+        mrml.compute_segments(target, ref, seg_node, None, "cpu", engine=engine, cancel=lambda: True)
+
+
+def test_tiny_model_end_to_end(case, tiny_model_dir):
+    scene, ref, seg_node, target = case
+    engine = mrml.Engine(tiny_model_dir)
+    assert engine.segmenter("cpu") is engine.segmenter("cpu")  # loaded once
+    out = mrml.create_output_segmentation(target)
+    ids = mrml.segment_volume(target, ref, seg_node, ["liver", "spleen"], out, "cpu", engine=engine, tuning_steps=2)
+    segmentation = out.GetSegmentation()
+    assert [segmentation.GetSegment(s).GetName() for s in ids] == ["liver", "spleen"]
+    assert engine.last.device == "cpu" and engine.last.windows > 0 and engine.last.seconds > 0
+    _, matrix, extent = internal_labelmap(out, ids[0])
+    np.testing.assert_allclose(matrix, np.linalg.inv(TARGET_TRANSFORM) @ TARGET_WORLD, atol=1e-6)
+    assert extent == (0, 37, 0, 59, 0, 39)
+    oracle_task = TaskEmbedding(torch.zeros(1, 2, 4), [1], ["x"], model_id="another-model")
+    with pytest.raises(IrisInputError, match="encode the reference again"):
+        mrml.segment_volume(target, None, None, None, out, "cpu", task=oracle_task, engine=engine)
