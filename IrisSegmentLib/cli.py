@@ -40,16 +40,13 @@ class _Bar:
 
 def cmd_segment(a) -> int:
     from . import io
-    from .inference.segmenter import Segmenter
+    from .inference.segmenter import Segmenter, check_volume
     from .inference.task import TaskEmbedding
 
-    out = Path(a.output)
-    if out.exists() and not a.overwrite:
-        raise IrisInputError(f"{out} exists; pass --overwrite to replace it")
-    if not out.parent.exists():
-        raise IrisInputError(f"{out.parent}: output folder does not exist; create it first")
-    if a.save_task and Path(a.save_task).exists() and not a.overwrite:
-        raise IrisInputError(f"{a.save_task} exists; pass --overwrite to replace it")
+    # Outputs are checked before any work, and written only at the end (nothing when cancelled).
+    out = io.check_output(a.output, a.overwrite)
+    if a.save_task:
+        io.check_output(a.save_task, a.overwrite, (".safetensors",))
     refs_i, refs_l = a.reference_image or [], a.reference_label or []
     if a.task and refs_i:
         raise IrisInputError("give either --task or --reference-image/--reference-label, not both")
@@ -59,30 +56,31 @@ def cmd_segment(a) -> int:
         raise IrisInputError(f"{len(refs_i)} --reference-image but {len(refs_l)} --reference-label; give them in pairs")
     seg = Segmenter.load(a.model, a.device)
     target, t_aff, t_hdr = io.read_image(a.target)
+    check_volume(target, "target image")  # before the reference is encoded
     if a.task:
         task = TaskEmbedding.load(a.task)
         if a.labels:
             missing = [v for v in _labels(a.labels) if v not in task.labels]
             if missing:
-                raise IrisInputError(f"label(s) {missing} not in the task (it has {task.labels})")
+                raise IrisInputError(f"label(s) {missing} not in the task (it has {task.labels}): pick from those")
             task = task.select(_labels(a.labels))
     else:
         refs = []
         for ip, lp in zip(refs_i, refs_l):
             img, aff, _ = io.read_image(ip)
             lab, laff, _ = io.read_image(lp)
-            if img.shape[:3] == lab.shape[:3] and not np.allclose(aff, laff, atol=1e-3):
-                raise IrisInputError(f"{ip} and {lp} have the same shape but different geometry; the label must be drawn on this image")
+            io.check_label_on_image(img, aff, lab, laff, str(ip), str(lp))
             refs.append((img, aff, lab))
         task = seg.encode_references(refs, _labels(a.labels), modality=a.modality)
-        if a.save_task:
-            task.save(a.save_task)
     bar = _Bar("segment")
     try:
         result = seg.segment(target, t_aff, task, modality=a.modality, overlap=a.overlap, progress=bar)
     finally:
         bar.close()
     io.write_label_map(out, result.label_map, t_aff, t_hdr, overwrite=a.overwrite)
+    if a.save_task and not a.task:
+        task.save(a.save_task)
+        print(f"saved the task embedding to {a.save_task}")
     vox = float(abs(np.linalg.det(t_aff[:3, :3])))
     print(f"wrote {out} ({result.seconds:.1f} s on {result.device}, {result.windows} windows)")
     for v, n in zip(result.labels, result.names):

@@ -150,10 +150,20 @@ def segment_masks(segmentation_node, segment_ids: Sequence[str], shape: Sequence
         resampled = slicer.vtkOrientedImageData()
         if not (slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(segmentation_node, sid, world, True)
                 and slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(world, grid, resampled, False, False)):
-            raise IrisInputError(f"segment '{segmentation.GetSegment(sid).GetName()}' of '{segmentation_node.GetName()}' could not be read as a labelmap")
+            raise IrisInputError(f"segment '{segmentation.GetSegment(sid).GetName()}' of '{segmentation_node.GetName()}' could not be read as a labelmap: "
+                                 "convert the segmentation to a binary labelmap first (Segmentations module, Representations)")
         # The labelmap may be shared with other segments: this segment is its own label value.
         masks.append(_image_array(resampled, shape) == segmentation.GetSegment(sid).GetLabelValue())
     return masks
+
+
+def _segment_has_voxels(segmentation_node, segment_id: str) -> bool:
+    """Whether the segment holds any voxel at all, wherever it lies."""
+    image = slicer.vtkOrientedImageData()
+    if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(segmentation_node, segment_id, image, False):
+        return False
+    value = segmentation_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
+    return bool((_image_array(image, image.GetDimensions()) == value).any())
 
 
 @dataclass
@@ -190,8 +200,12 @@ def read_reference(volume_node, segmentation_node, segment_ids: Sequence[str] | 
     image, affine = volume_array(volume_node)
     masks = segment_masks(segmentation_node, ids, image.shape[:3], affine)
     infos = [_info(segmentation_node.GetSegmentation().GetSegment(s)) for s in ids]
-    for mask, info in zip(masks, infos):
+    for sid, mask, info in zip(ids, masks, infos):
         if not mask.any():
+            if _segment_has_voxels(segmentation_node, sid):
+                raise IrisInputError(
+                    f"segment '{info.name}' of '{segmentation_node.GetName()}' lies outside the reference volume '{volume_node.GetName()}' "
+                    "(they do not overlap in space): pick the volume it was drawn on, or check their transforms")
             raise IrisInputError(f"segment '{info.name}' is empty on '{volume_node.GetName()}': draw it on this volume first (or check that it overlaps it)")
     return Reference(image, affine, masks, list(range(1, len(ids) + 1))), infos
 
@@ -216,7 +230,8 @@ def read_extra_reference(volume_node, segmentation_node, infos: Sequence[Segment
     masks = segment_masks(segmentation_node, [s for s, _ in found], image.shape[:3], affine)
     kept = [(m, v) for m, (_, v) in zip(masks, found) if m.any()]
     if not kept:
-        raise IrisInputError(f"extra reference '{segmentation_node.GetName()}': the matching segments are empty on '{volume_node.GetName()}'")
+        raise IrisInputError(f"extra reference '{segmentation_node.GetName()}': the matching segments are empty on '{volume_node.GetName()}': "
+                             "draw them on that volume, or check that they overlap it")
     return Reference(image, affine, [m for m, _ in kept], [v for _, v in kept])
 
 
@@ -470,7 +485,7 @@ def create_output_segmentation(target_volume_node, name: str | None = None):
     """A new segmentation for results on the target: same parent transform, beside it in the subject hierarchy."""
     scene = target_volume_node.GetScene()
     if scene is None:
-        raise IrisInputError(f"'{target_volume_node.GetName()}' is no longer in the scene")
+        raise IrisInputError(f"'{target_volume_node.GetName()}' is no longer in the scene; pick another target volume")
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or f"{target_volume_node.GetName()} IRIS")
     node.CreateDefaultDisplayNodes()
     node.SetAndObserveTransformNodeID(target_volume_node.GetTransformNodeID())

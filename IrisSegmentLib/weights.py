@@ -33,9 +33,12 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     """Tensors and metadata of a safetensors file; anything else is refused with a message."""
     p = Path(path)
     if not p.is_file():
-        raise IrisInputError(f"{p}: weights file not found")
-    with open(p, "rb") as f:
-        head = f.read(8)
+        raise IrisInputError(f"{p}: weights file not found; a model folder holds config.yaml and weights.safetensors")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise IrisInputError(f"{p}: weights file cannot be read ({e.strerror or e}); check its permissions") from None
     if head[:2] == b"\x80\x02" or head[:2] == b"PK" or head[:1] == b"\x80":
         raise IrisInputError(f"{p}: this is a pickle/PyTorch checkpoint; IrisSegment loads weights only from .safetensors files (convert with safetensors.torch.save_file)")
     try:
@@ -51,14 +54,14 @@ def load_model(name_or_path: str | Path | None = None) -> tuple[IrisModel, Bundl
     """Builds the network from config.yaml and fills it from weights.safetensors (float32, eval mode)."""
     d = model_dir(name_or_path)
     if not (d / CONFIG).is_file():
-        raise IrisInputError(f"{d}: no {CONFIG} beside the weights")
+        raise IrisInputError(f"{d}: no {CONFIG} beside the weights; copy the model folder whole")
     try:
         cfg = BundleConfig.load(d / CONFIG)
     except (ValueError, TypeError) as e:
         raise IrisInputError(f"{d / CONFIG}: {e}") from None
     tensors, meta = read_weights(d / WEIGHTS)
     if meta.get("fingerprint") not in (None, cfg.model.fingerprint()):
-        raise IrisInputError(f"{d / WEIGHTS}: weights were made for another architecture than {d / CONFIG} describes (fingerprint {meta.get('fingerprint')} != {cfg.model.fingerprint()})")
+        raise IrisInputError(f"{d / WEIGHTS}: weights were made for another architecture than {d / CONFIG} describes (fingerprint {meta.get('fingerprint')} != {cfg.model.fingerprint()}); use the config.yaml that came with these weights")
     model = IrisModel(cfg.model)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
@@ -72,7 +75,7 @@ def load_model(name_or_path: str | Path | None = None) -> tuple[IrisModel, Bundl
                 f"wrong shape {wrong[:3]}" if wrong else "",
             ) if s
         )
-        raise IrisInputError(f"{d / WEIGHTS}: weights do not match the architecture in {d / CONFIG} ({detail})")
+        raise IrisInputError(f"{d / WEIGHTS}: weights do not match the architecture in {d / CONFIG} ({detail}); use the config.yaml that came with these weights")
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
     model.eval()
     info = json.loads(meta.get("info", "{}") or "{}")

@@ -217,3 +217,219 @@ def test_demo_with_tiny_model(tiny_model_dir, tmp_path, capsys):
 def test_demo_with_bundled_model(tmp_path):
     assert main(["demo", "--output-dir", str(tmp_path), "--device", "cpu"]) == 0
     _check_demo(tmp_path, "iris-small-")
+
+
+# -- bad input, faults and data safety ------------------------------------------------------------
+def test_reference_label_not_on_the_image(files, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out.nii.gz"
+    lab, aff, _ = read_nifti(files / "ref_label.nii.gz")
+    far = aff.copy()
+    far[:3, 3] += [500.0, 0.0, 0.0]
+    write_nifti(tmp_path / "far_label.nii.gz", lab[:30], far)  # other shape, elsewhere in space
+    write_nifti(tmp_path / "cropped_label.nii.gz", lab[:30], aff)  # other shape, overlapping
+    write_nifti(tmp_path / "far_same_shape.nii.gz", lab, far)  # same shape, elsewhere
+    for name, message in (("far_label", "do not overlap in space"), ("cropped_label", "differ in shape"),
+                          ("far_same_shape", "do not overlap in space")):
+        args = _seg_args(files, tiny_model_dir, out, refs=False) + [
+            "--reference-image", str(files / "ref.nii.gz"), "--reference-label", str(tmp_path / f"{name}.nii.gz")]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and f"{name}.nii.gz" in err and "Traceback" not in err
+        assert "give the label map drawn on this image" in err
+    assert not out.exists()
+
+
+def _rgb(shape):
+    rgb = np.zeros(shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb["R"] = 50
+    return rgb
+
+
+@pytest.mark.parametrize("array,message", [
+    (np.ones((30, 30), np.int16), "is 2D (30, 30)"),
+    (np.ones((20, 20, 10, 3), np.int16), "has 4 dimensions (20, 20, 10, 3)"),
+    (np.ones((20, 20, 10, 1, 3), np.float32), "multi-component"),
+    (_rgb((20, 20, 10)), "data type"),
+])
+def test_wrong_kind_of_target_exit_2_without_traceback(files, tiny_model_dir, tmp_path, capsys, array, message):
+    import nibabel as nib
+
+    write_nifti(tmp_path / "bad.nii.gz", array, np.eye(4))
+    assert nib.load(str(tmp_path / "bad.nii.gz")).shape == array.shape
+    out = tmp_path / "out.nii.gz"
+    args = _seg_args(files, tiny_model_dir, out)
+    args[args.index("--target") + 1] = str(tmp_path / "bad.nii.gz")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: target image ") and message in err and "Traceback" not in err
+    assert any(fix in err for fix in ("stack the slices", "extract one", "convert it")), err
+    assert not out.exists()
+
+
+def test_constant_and_nan_targets_warn_and_finish(files, tiny_model_dir, tmp_path, capsys):
+    _, t_aff, _ = read_nifti(files / "target.nii.gz")
+    write_nifti(tmp_path / "constant.nii.gz", np.full((20, 18, 8), 7, np.int16), t_aff)
+    args = _seg_args(files, tiny_model_dir, tmp_path / "c.nii.gz")
+    args[args.index("--target") + 1] = str(tmp_path / "constant.nii.gz")
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "warning: target image is constant" in err and "Traceback" not in err
+    assert read_nifti(tmp_path / "c.nii.gz")[0].max() == 0
+    target = read_nifti(files / "target.nii.gz")[0].astype(np.float32)
+    target[:2, :2, :2] = np.nan
+    write_nifti(tmp_path / "nan.nii.gz", target, t_aff)
+    args = _seg_args(files, tiny_model_dir, tmp_path / "n.nii.gz")
+    args[args.index("--target") + 1] = str(tmp_path / "nan.nii.gz")
+    assert main(args) == 0
+    assert "warning: target image: 8 NaN/Inf voxels replaced" in capsys.readouterr().err
+
+
+def _stored(array, affine, order):
+    """The same physical image stored in another array order: 'ras' as given, 'lps' with i and j reversed,
+    'sag' with the axes permuted (k, i, j), affine adjusted so every voxel keeps its world position."""
+    if order == "ras":
+        return array, affine
+    if order == "lps":
+        a = affine.copy()
+        a[:3, :2] *= -1
+        a[:3, 3] = affine[:3, :3] @ [array.shape[0] - 1, array.shape[1] - 1, 0] + affine[:3, 3]
+        return np.ascontiguousarray(array[::-1, ::-1]), a
+    return np.ascontiguousarray(array.transpose(2, 0, 1)), affine[:, [2, 0, 1, 3]]
+
+
+def _unstore(array, order):
+    if order == "ras":
+        return array
+    if order == "lps":
+        return array[::-1, ::-1]
+    return array.transpose(1, 2, 0)
+
+
+@pytest.fixture(scope="module")
+def thick_oblique(tmp_path_factory):
+    """5 mm oblique slices with two structures, written RAS, LPS and sagittally ordered, plus a reference likewise."""
+    d = tmp_path_factory.mktemp("orders")
+    rng = np.random.default_rng(5)
+    t_shape, t_aff = (44, 40, 9), make_affine(rot_z(-18) @ rot_x(12) @ np.diag([0.9, 0.95, 5.0]), [-20.0, -19.0, -22.0])
+    c = t_aff[:3, :3] @ ((np.array(t_shape) - 1) / 2) + t_aff[:3, 3]
+    truth = np.zeros(t_shape, np.uint8)
+    truth[ellipsoid_mask(t_shape, t_aff, c + [-5, 2, 0], (9, 8, 12))] = 3
+    truth[ellipsoid_mask(t_shape, t_aff, c + [9, -6, 3], (5, 6, 9))] = 7
+    image = (100 + 700 * (truth == 3) + 350 * (truth == 7) + rng.normal(0, 8, t_shape)).astype(np.int16)
+    r_shape, r_aff = (40, 36, 30), make_affine(np.diag([1.2, 1.3, 1.6]), [-20.0, -25.0, 10.0])
+    rc = r_aff[:3, :3] @ ((np.array(r_shape) - 1) / 2) + r_aff[:3, 3]
+    r_lab = np.zeros(r_shape, np.uint8)
+    r_lab[ellipsoid_mask(r_shape, r_aff, rc + [-6, 0, 0], (9, 8, 7))] = 3
+    r_lab[ellipsoid_mask(r_shape, r_aff, rc + [10, 5, 2], (5, 5, 5))] = 7
+    r_img = (100 + 700 * (r_lab == 3) + 350 * (r_lab == 7) + rng.normal(0, 8, r_shape)).astype(np.float32)
+    for order in ("ras", "lps", "sag"):
+        write_nifti(d / f"target_{order}.nii.gz", *_stored(image, t_aff, order))
+        write_nifti(d / f"ref_{order}.nii.gz", *_stored(r_img, r_aff, order))
+        write_nifti(d / f"ref_label_{order}.nii.gz", *_stored(r_lab, r_aff, order))
+    return d, truth, t_aff
+
+
+def _order_args(d, order, model_dir, out):
+    return ["segment", "--target", str(d / f"target_{order}.nii.gz"), "--output", str(out), "--model", str(model_dir),
+            "--device", "cpu", "--reference-image", str(d / f"ref_{order}.nii.gz"),
+            "--reference-label", str(d / f"ref_label_{order}.nii.gz")]
+
+
+def test_ras_lps_and_permuted_files_give_the_same_world_result(thick_oblique, tiny_model_dir_threshold0, tmp_path):
+    """Seeded (untrained) tiny network with threshold 0, two labels: which label wins where depends on every
+    voxel the network saw, so equal outputs mean equal geometry end to end."""
+    d, _, t_aff = thick_oblique
+    results = {}
+    for order in ("ras", "lps", "sag"):
+        out = tmp_path / f"{order}.nii.gz"
+        assert main(_order_args(d, order, tiny_model_dir_threshold0, out)) == 0
+        labels, aff, _ = read_nifti(out)
+        assert np.array_equal(aff, read_nifti(d / f"target_{order}.nii.gz")[1])
+        results[order] = _unstore(labels, order)
+    assert set(np.unique(results["ras"]).tolist()) == {3, 7}
+    np.testing.assert_array_equal(results["lps"], results["ras"])
+    np.testing.assert_array_equal(results["sag"], results["ras"])
+
+
+def test_ras_lps_and_permuted_files_segmented_at_the_right_place(thick_oblique, tiny_cfg, tmp_path, monkeypatch):
+    """The same through the command line with the oracle in place of the network: the structures are found
+    where they are in world space, whichever way the files are stored."""
+    from IrisSegmentLib.inference.segmenter import Segmenter
+
+    from conftest import OracleModel, dice
+
+    monkeypatch.setattr(Segmenter, "load", classmethod(lambda cls, name=None, device="auto": cls(OracleModel(), tiny_cfg, device)))
+    d, truth, _ = thick_oblique
+    for order in ("ras", "lps", "sag"):
+        out = tmp_path / f"{order}.nii.gz"
+        assert main(_order_args(d, order, "unused", out) + ["--labels", "3"]) == 0
+        got = _unstore(read_nifti(out)[0], order)
+        assert dice(got == 3, truth == 3) > 0.85, order
+
+
+def test_interrupted_run_writes_nothing(files, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the middle of the windows: exit 130, no output, an existing output (even with --overwrite) and
+    the --save-task file untouched or absent, no temporary files."""
+    from IrisSegmentLib import cli
+
+    def interrupt(self, fraction, message):
+        if message.startswith("window"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli._Bar, "__call__", interrupt)
+    new, old, task = tmp_path / "new.nii.gz", tmp_path / "old.nii.gz", tmp_path / "task.safetensors"
+    old.write_bytes(b"precious")
+    assert main(_seg_args(files, tiny_model_dir, new, "--save-task", str(task))) == 130
+    assert main(_seg_args(files, tiny_model_dir, old, "--overwrite")) == 130
+    assert "cancelled: no output written" in capsys.readouterr().err
+    assert not new.exists() and not task.exists() and old.read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.nii.gz"]
+
+
+def test_interrupted_while_writing_keeps_the_old_file(files, tiny_model_dir, tmp_path, monkeypatch):
+    import nibabel as nib
+
+    def half_write(img, path):
+        with open(path, "wb") as f:
+            f.write(b"\x1f\x8b half")
+        raise KeyboardInterrupt
+
+    old = tmp_path / "old.nii.gz"
+    old.write_bytes(b"precious")
+    monkeypatch.setattr(nib, "save", half_write)
+    assert main(_seg_args(files, tiny_model_dir, old, "--overwrite")) == 130
+    assert old.read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.nii.gz"]
+
+
+def test_output_paths_checked_before_any_work(files, tmp_path, capsys):
+    """Wrong outputs are refused at once, before the model is even looked for (here: a model that does not exist)."""
+    (tmp_path / "taken.safetensors").write_bytes(b"keep")
+    (tmp_path / "folder.nii.gz").mkdir()
+    cases = [
+        (["--output", str(tmp_path / "out.nrrd")], "must end in .nii or .nii.gz"),
+        (["--output", str(tmp_path / "folder.nii.gz")], "is a folder"),
+        (["--save-task", str(tmp_path / "missing" / "task.safetensors")], "output folder does not exist"),
+        (["--save-task", str(tmp_path / "task.pt")], "must end in .safetensors"),
+        (["--save-task", str(tmp_path / "taken.safetensors")], "exists; pass --overwrite"),
+    ]
+    for extra, message in cases:
+        args = _seg_args(files, "no-such-model", tmp_path / "out.nii.gz")
+        if extra[0] == "--output":
+            args[args.index("--output") + 1] = extra[1]
+        else:
+            args += extra
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (extra, err)
+    assert (tmp_path / "taken.safetensors").read_bytes() == b"keep"
+
+
+def test_save_task_replaced_only_with_overwrite(files, tiny_model_dir, tmp_path):
+    task = tmp_path / "task.safetensors"
+    task.write_bytes(b"old task")
+    assert main(_seg_args(files, tiny_model_dir, tmp_path / "a.nii.gz", "--save-task", str(task))) == 2
+    assert task.read_bytes() == b"old task" and not (tmp_path / "a.nii.gz").exists()
+    assert main(_seg_args(files, tiny_model_dir, tmp_path / "a.nii.gz", "--save-task", str(task), "--overwrite")) == 0
+    assert TaskEmbedding.load(task).labels == [3, 7]
+    assert not list(tmp_path.glob(".iris-*"))

@@ -8,6 +8,7 @@ can be checked) and with the tiny network (seeded random weights, not a trained 
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -285,6 +286,68 @@ def test_cancel_adds_nothing(case, band_oracle):
         mrml.segment_volume(target, ref, seg_node, None, None, "cpu", cancel=lambda: True, engine=engine)
     assert out.GetSegmentation().GetNumberOfSegments() == 0
     assert scene.GetNumberOfNodes() == nodes
+
+
+def _scene_state(scene, out) -> tuple:
+    """Node IDs in the scene, and each segment of `out` with its name, colour and stored labelmap."""
+    nodes = tuple(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
+    segmentation = out.GetSegmentation()
+    segments = []
+    for sid in segment_ids(out):
+        data, matrix, extent = internal_labelmap(out, sid)
+        segment = segmentation.GetSegment(sid)
+        segments.append((sid, segment.GetName(), tuple(segment.GetColor()), data.tobytes(), matrix.tobytes(), extent))
+    return nodes, tuple(segments)
+
+
+def test_cancel_in_the_middle_leaves_the_scene_unchanged(case, band_oracle):
+    """Cancelled while the windows run, or after they ran but before writing: no segment added, none half-written,
+    existing segments and the scene's nodes as they were."""
+    scene, ref, seg_node, target = case
+    model, _ = band_oracle
+    cfg = BundleConfig.load(TINY_CONFIG)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, window=(16, 16, 16)))  # more windows to cancel between
+    engine = mrml.Engine(Segmenter(model, cfg, "cpu", model_id="oracle"))
+    out = mrml.create_output_segmentation(target, "results")
+    old = out.GetSegmentation().AddEmptySegment("", "liver", [0.1, 0.9, 0.1])
+    blob = np.zeros((20, 20, 20), np.uint8)
+    blob[4:16, 4:16, 4:16] = 1
+    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        mrml._oriented_image(blob, np.linalg.inv(TARGET_TRANSFORM) @ grid(np.eye(3), [1.5] * 3, [20] * 3, SHIFT)),
+        out, old, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+    before = _scene_state(scene, out)
+    for when in ("window ", "done"):
+        reports = []
+        with pytest.raises(Cancelled):
+            mrml.segment_volume(target, ref, seg_node, None, out, "cpu", engine=engine,
+                                progress=lambda f, m: reports.append(m), cancel=lambda: any(m.startswith(when) for m in reports))
+        done, total = map(int, [m for m in reports if m.startswith("window ")][-1].split()[1].split("/"))
+        if when == "done":  # all windows ran: cancelled between computing and writing
+            assert done == total and reports[-1] == "done"
+        else:  # cancelled while the windows ran
+            assert 0 < done < total and reports[-1] != "done"
+        assert _scene_state(scene, out) == before
+    # the same call without cancel adds the segments (so the test above could have seen them)
+    assert len(mrml.segment_volume(target, ref, seg_node, None, out, "cpu", engine=engine)) == 2
+
+
+def test_reference_segmentation_outside_the_reference_volume(case, band_oracle):
+    scene, ref, seg_node, target = case
+    _, engine = band_oracle
+    far = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn elsewhere")
+    sid = far.GetSegmentation().AddEmptySegment("", "liver", [1, 0, 0])
+    blob = np.ones((10, 10, 10), np.uint8)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        mrml._oriented_image(blob, grid(np.eye(3), [1.0] * 3, [10] * 3, [400.0, 0.0, 0.0])), far, sid,
+        slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+    empty = far.GetSegmentation().AddEmptySegment("", "kidney", [0, 0, 1])
+    out = mrml.create_output_segmentation(target)
+    with pytest.raises(IrisInputError, match="'liver' of 'drawn elsewhere' lies outside the reference volume 'reference'") as e:
+        mrml.segment_volume(target, ref, far, ["liver"], out, "cpu", engine=engine)
+    assert "do not overlap in space" in str(e.value) and "pick the volume it was drawn on" in str(e.value)
+    with pytest.raises(IrisInputError, match="'kidney' is empty on 'reference'"):
+        mrml.segment_volume(target, ref, far, [empty], out, "cpu", engine=engine)
+    assert out.GetSegmentation().GetNumberOfSegments() == 0
 
 
 def test_errors_add_nothing_and_say_what_to_do(case, band_oracle):

@@ -189,3 +189,24 @@ def test_segment_refuses_task_from_another_model(tiny_cfg, tiny_model):
     img, aff, lab = _reference()
     with pytest.raises(IrisInputError, match="encode the reference again"):
         seg.segment(img, aff, _task([3], model_id="iris-small-000000000000"))
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    """Interrupted while writing: the previous task file is kept whole and no temporary file is left."""
+    from IrisSegmentLib.inference import task as task_module
+
+    path = tmp_path / "liver.task.safetensors"
+    old = TaskEmbedding(torch.ones(1, 2, 4), [1], ["liver"], model_id="m")
+    old.save(path)
+    before = path.read_bytes()
+
+    def half_write(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x08\x00\x00\x00")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(task_module, "save_file", half_write)
+    with pytest.raises(KeyboardInterrupt):
+        TaskEmbedding(torch.zeros(1, 2, 4), [1], ["liver"], model_id="m").save(path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert torch.equal(TaskEmbedding.load(path).tokens, old.tokens)

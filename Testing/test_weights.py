@@ -81,7 +81,7 @@ def test_pickle_refused(tmp_path, tiny_model_dir, zipfile):
     torch.save(state, d / WEIGHTS, _use_new_zipfile_serialization=zipfile)
     with pytest.raises(IrisInputError, match="safetensors") as e:
         load_model(d)
-    assert "pickle" in str(e.value)
+    assert "this is a pickle/PyTorch checkpoint" in str(e.value)  # (the test's folder name has "pickle" in it too)
 
 
 def test_truncated_safetensors_refused(tmp_path, tiny_model_dir):
@@ -165,3 +165,19 @@ def test_info_metadata_survives(tmp_path, tiny_cfg):
     assert info == {"steps": 12, "val_dice": {"btcv": 0.5}}
     with safe_open(str(tmp_path / "m" / WEIGHTS), framework="pt") as f:
         assert json.loads(f.metadata()["info"])["steps"] == 12
+
+
+def test_unreadable_and_garbage_weights_refused(tmp_path, tiny_model_dir, monkeypatch):
+    from IrisSegmentLib import weights
+
+    d = _copy(tiny_model_dir, tmp_path / "m")
+    (d / WEIGHTS).write_bytes(b"this is not a weights file at all, just text" * 10)
+    with pytest.raises(IrisInputError, match="not a readable safetensors file"):
+        load_model(d)
+
+    def no_permission(path, mode="r", *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(weights, "open", no_permission, raising=False)  # the module's own `open` (root can read anything)
+    with pytest.raises(IrisInputError, match="cannot be read .*Permission denied.*permissions"):
+        load_model(d)

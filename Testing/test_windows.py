@@ -3,13 +3,14 @@ they were cut from (checked through the engine's own sliding-window loop)."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
 import torch
 
 from IrisSegmentLib.inference.segmenter import Segmenter
-from IrisSegmentLib.inference.windows import batches, gaussian_weights, pad_to_window, starts, tile
+from IrisSegmentLib.inference.windows import gaussian_weights, pad_to_window, starts, tile
 
 WINDOW = (32, 32, 32)
 SIZES = [1, 5, 31, 32, 33, 40, 63, 64, 65, 97]
@@ -122,10 +123,6 @@ def test_engine_windows_land_where_they_were_cut(tiny_cfg, shape, overlap):
     assert probs.shape == (3, *shape)
     for k in range(3):
         torch.testing.assert_close(probs[k], torch.sigmoid(work[0] + k), rtol=0, atol=1e-5)
-    assert len(progress) == len(list(batches(list(range(n)), tiny_cfg.inference.batch_size)))
+    assert len(progress) == math.ceil(n / tiny_cfg.inference.batch_size)
     assert progress == sorted(progress) and progress[-1] == pytest.approx(0.9)
 
-
-def test_batches_split():
-    assert [len(b) for b in batches(list(range(7)), 3)] == [3, 3, 1]
-    assert sum(batches(list(range(5)), 2), []) == list(range(5))

@@ -1,8 +1,9 @@
 """Peak host memory of `Segmenter.segment` for targets of increasing size, on the CPU.
 
 Each measurement runs in a fresh Python process and reads its peak resident set size
-(resource.getrusage ru_maxrss) at three points: after loading the network and encoding a small
-reference ("base"), after building the target array ("input"), and after segmenting it ("peak").
+(resource.getrusage ru_maxrss) at three points: after loading the network, encoding a small
+reference and segmenting that small volume once ("base": Python, torch, the network and its working
+memory), after building the target array, and after segmenting it ("peak").
 The network is randomly initialised from a seed (the tiny test config by default, or the product
 config with --config iris-small): memory does not depend on the weights. Targets are int16,
 stored LPS-ordered (flipped i and j axes, as many scanner-derived files are) with a bright
@@ -101,6 +102,7 @@ def child(size: str, config: str, impl: str, classes: int) -> dict:
         lab[6 + 12 * c : 16 + 12 * c, 10:38, 10:38] = c + 1
         ref[lab == c + 1] = 900 - 100 * c
     task = seg.encode(ref, np.diag([1.5, 1.5, 1.5, 1.0]), lab)
+    seg.segment(ref, np.diag([1.5, 1.5, 1.5, 1.0]), task)  # warm-up: the network's working memory is in `base`
     base = rss_mib()
     shape = tuple(int(n) for n in size.split("x"))
     image, affine = target(shape, SIZES.get(size, (1.0, 1.0, 1.0)))
@@ -128,7 +130,7 @@ def run(size: str, config: str, impl: str, classes: int) -> dict | None:
     cmd = [sys.executable, __file__, "--child", size, "--config", config, "--impl", impl, "--classes", str(classes)]
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if p.returncode != 0:
-        print(f"# {size} {impl}: failed (exit {p.returncode}): {p.stderr.strip().splitlines()[-1:] }", file=sys.stderr)
+        print(f"# {size} {impl}: failed (exit {p.returncode}): {p.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return None
     return json.loads(p.stdout.strip().splitlines()[-1])
 
@@ -146,7 +148,7 @@ def main() -> int:
         print(json.dumps(child(a.child, a.config, a.impl, a.classes)))
         return 0
     print(f"config {a.config} (random weights), {a.classes} classes, CPU, 1 thread; MiB = 2^20 bytes; "
-          "peak = ru_maxrss of a fresh process; base = that process after loading the network and encoding the reference\n")
+          "peak = ru_maxrss of a fresh process; base = that process after loading the network and segmenting a 48^3 volume once\n")
     print("| target (int16) | spacing mm | working grid | windows | input MiB | base MiB | peak MiB | (peak-base)/input | baseline peak MiB | baseline (peak-base)/input | s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     last_full_ratio = None

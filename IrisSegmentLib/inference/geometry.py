@@ -97,9 +97,14 @@ class WorkingGrid:
         inv = np.argsort(self.perm)
         return x.permute(*range(lead), *(lead + int(p) for p in inv))
 
-    def to_working(self, array: torch.Tensor, mode: str = "trilinear") -> torch.Tensor:
-        """(C, I, J, K) float -> (C, X', Y', Z') on the working grid."""
-        x = self.reorient(array)
+    def reoriented_view(self, array: np.ndarray) -> np.ndarray:
+        """A numpy view (no copy) of an (I, J, K) array in nearest-RAS order (X, Y, Z), as `reorient` orders it."""
+        x = np.transpose(array, self.perm)
+        return x[tuple(slice(None, None, -1) if f else slice(None) for f in self.flips)]
+
+    def to_working(self, array: torch.Tensor, mode: str = "trilinear", reoriented: bool = False) -> torch.Tensor:
+        """(C, I, J, K) float -> (C, X', Y', Z') on the working grid (`reoriented`: already (C, X, Y, Z))."""
+        x = array if reoriented else self.reorient(array)
         if tuple(x.shape[-3:]) == self.working_shape:
             return x.contiguous()
         kw = {"align_corners": False} if mode == "trilinear" else {}
@@ -112,3 +117,34 @@ class WorkingGrid:
         if tuple(x.shape[-3:]) != target:
             x = F.interpolate(x[None], size=target, mode="trilinear", align_corners=False)[0]
         return self.unreorient(x)
+
+    def from_working_rows(self, array: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of `reorient(from_working(array))`, i.e. (C, stop - start, Y, Z) in nearest-RAS order,
+        read from only the working rows they need: a large target can be resampled slab by slab.
+
+        The same trilinear, align_corners=False mapping as `from_working`, evaluated as torch evaluates it
+        (the Y, Z plane of each working row by F.interpolate, then the linear blend along X with torch's
+        float32 scale and source coordinates): equal to `from_working` up to float32 rounding."""
+        n_out, n_in = self.reoriented_shape[0], array.shape[-3]
+        plane = self.reoriented_shape[1:]
+        if n_out == n_in:
+            i0 = i1 = np.arange(start, stop)
+        else:  # output row r sits at working row (r + 0.5) * n_in / n_out - 0.5, clamped to the grid
+            scale = float(np.float32(n_in) / np.float32(n_out))
+            src = np.maximum(((np.arange(start, stop) + 0.5) * scale - 0.5).astype(np.float32), np.float32(0))
+            i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+            i1 = np.minimum(i0 + 1, n_in - 1)
+            w1 = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
+        lo, hi = int(i0[0]), int(i1[-1]) + 1
+        rows = array[:, lo:hi]
+        if tuple(rows.shape[-2:]) != plane:
+            rows = F.interpolate(rows[None], size=(hi - lo, *plane), mode="trilinear", align_corners=False)[0]
+        if n_out == n_in:
+            return rows
+        w1 = torch.from_numpy(w1)[None, :, None, None]
+        out = rows[:, torch.from_numpy(i0 - lo)]  # copies: safe to scale in place
+        out *= 1 - w1
+        far = rows[:, torch.from_numpy(i1 - lo)]
+        far *= w1
+        out += far
+        return out

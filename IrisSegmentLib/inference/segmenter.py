@@ -13,13 +13,14 @@ import torch
 from ..config import BundleConfig
 from ..errors import Cancelled, IrisInputError
 from .geometry import WorkingGrid
-from .intensity import normalise
+from .intensity import normalise_
 from .task import Colour, MemoryBank, TaskEmbedding, tune
-from .windows import batches, gaussian_weights, pad_to_window, tile
+from .windows import gaussian_weights, pad_to_window, tile
 
 log = logging.getLogger("IrisSegmentLib")
 
 BANK_FILE = "memory_bank.safetensors"
+SLAB_VALUES = 1 << 20  # probabilities resampled to the target grid at a time (4 MiB of float32)
 Progress = Callable[[float, str], None]
 Cancel = Callable[[], bool]
 
@@ -62,20 +63,25 @@ def check_volume(image: np.ndarray, what: str) -> np.ndarray:
         raise IrisInputError(f"{what} is 2D {a.shape}; IrisSegment needs a 3D volume (stack the slices into one volume)")
     if a.ndim == 4:
         raise IrisInputError(f"{what} has 4 dimensions {a.shape} (a time series or multi-component image); extract one 3D volume or one component first")
+    if a.ndim == 5 and a.shape[3] == 1:  # NIfTI keeps vector components in the 5th dimension
+        raise IrisInputError(f"{what} is a multi-component (vector) image {a.shape} with {a.shape[4]} components; extract one component first")
     if a.ndim != 3:
-        raise IrisInputError(f"{what} has {a.ndim} dimensions {a.shape}; a 3D volume is needed")
+        raise IrisInputError(f"{what} has {a.ndim} dimensions {a.shape}; a 3D volume is needed: extract one first")
     if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
-        raise IrisInputError(f"{what} has data type {a.dtype}; a real-valued scalar image is needed")
+        raise IrisInputError(f"{what} has data type {a.dtype} (e.g. colour or complex); a real-valued scalar image is needed: "
+                             "convert it to a grey-level volume first")
     return a
 
 
 def _finite(image: np.ndarray, what: str) -> np.ndarray:
-    x = np.asarray(image, dtype=np.float32)
-    bad = ~np.isfinite(x)
-    if bad.any():
-        fill = float(np.min(x[~bad])) if (~bad).any() else 0.0
-        warnings.warn(f"{what}: {int(bad.sum())} NaN/Inf voxels replaced by {fill:g}")
-        x = np.where(bad, fill, x)
+    """A C-ordered float32 copy (the caller's array is never changed), NaN/Inf replaced by the minimum, with a warning."""
+    x = np.array(image, dtype=np.float32, order="C")
+    if np.issubdtype(np.asarray(image).dtype, np.floating):
+        bad = ~np.isfinite(x)
+        if bad.any():
+            fill = float(np.min(x[~bad])) if (~bad).any() else 0.0
+            warnings.warn(f"{what}: {int(bad.sum())} NaN/Inf voxels replaced by {fill:g}")
+            x[bad] = fill
     return x
 
 
@@ -109,11 +115,14 @@ class Segmenter:
 
     # -- preparation -------------------------------------------------------------------------
     def _prepare(self, image, affine, modality: str, what: str) -> tuple[torch.Tensor, WorkingGrid, bool]:
-        img = _finite(check_volume(image, what), what)
+        img = check_volume(image, what)
         grid = WorkingGrid.create(img.shape, affine, self.config.model.spacing)
-        constant = float(img.max() - img.min()) == 0.0
-        norm = normalise(img, modality, self.config.inference)
-        return grid.to_working(torch.from_numpy(norm)[None]), grid, constant
+        # One float32 copy, in nearest-RAS order and normalised in place: the same scan stored in another
+        # axis order or direction (LPS, RAS, sagittal...) gets exactly the same working image.
+        x = _finite(grid.reoriented_view(img), what)
+        constant = float(x.max() - x.min()) == 0.0
+        normalise_(x, modality, self.config.inference)
+        return grid.to_working(torch.from_numpy(x)[None], reoriented=True), grid, constant
 
     def _crops(self, mask: torch.Tensor) -> list[tuple[int, int, int]]:
         """Window origins centred on a structure; several tiling its extent when it exceeds one window."""
@@ -167,7 +176,7 @@ class Segmenter:
         labels = list(labels) if labels else present
         missing = [v for v in labels if v not in present]
         if missing:
-            raise IrisInputError(f"label(s) {missing} not in the reference label map (it has {present})")
+            raise IrisInputError(f"label(s) {missing} not in the reference label map (it has {present}): pick from those, or draw it on the reference first")
         work, grid, constant = self._prepare(img, affine, modality, "reference image")
         if constant:
             warnings.warn("reference image is constant: its task embedding carries no appearance information")
@@ -179,14 +188,22 @@ class Segmenter:
             for k in range(len(labels)):
                 crops = []
                 for origin in self._crops(masks[k]):
-                    im = self._extract(work, origin, win, fill)[None].to(self.device)
-                    mk = self._extract(masks[k : k + 1], origin, win, 0.0)[None].to(self.device)
+                    im = self._extract(work, origin, win, fill)[None]
+                    mk = self._extract(masks[k : k + 1], origin, win, 0.0)[None]
                     if float(mk.sum()) > 0:
-                        crops.append(self.model.encode_task(im, mk)[0, 0].float().cpu())
+                        crops.append(self._encode_crop(im, mk))
                 if not crops:
-                    raise IrisInputError(f"label {labels[k]} is too small to see at the working spacing {self.config.model.spacing} mm")
+                    raise IrisInputError(f"label {labels[k]} is too small to see at the working spacing {self.config.model.spacing} mm: draw it larger, or use another reference")
                 tokens.append(torch.stack(crops).mean(0))
         return TaskEmbedding(torch.stack(tokens), labels, list(names or []), list(colours or []), self.model_id)
+
+    def _encode_crop(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One window's task tokens; on CUDA out of memory, continues on the CPU (one window cannot be split)."""
+        while True:
+            try:
+                return self.model.encode_task(image.to(self.device), mask.to(self.device))[0, 0].float().cpu()
+            except torch.cuda.OutOfMemoryError:
+                self._shrink_after_oom(batch=1)
 
     def encode_references(self, references: list[tuple], labels: list[int] | None = None, names=None, colours=None,
                           modality: str = "auto") -> TaskEmbedding:
@@ -208,8 +225,13 @@ class Segmenter:
                     mks.append(self._extract(masks, origin, win, 0.0))
         if not ims:
             raise IrisInputError("in-context tuning needs at least one image where the task's labels are present")
-        tokens = tune(self.model.segment, task.tokens.to(self.device)[None], torch.stack(ims).to(self.device),
-                      torch.stack(mks).to(self.device), steps, lr)
+        while True:
+            try:
+                tokens = tune(self.model.segment, task.tokens.to(self.device)[None], torch.stack(ims).to(self.device),
+                              torch.stack(mks).to(self.device), steps, lr)
+                break
+            except torch.cuda.OutOfMemoryError:
+                self._shrink_after_oom(batch=1)
         return TaskEmbedding(tokens[0].cpu(), task.labels, task.names, task.colours, task.model_id)
 
     def retrieve(self, image, affine, task: TaskEmbedding, top_k: int = 1, modality: str = "auto",
@@ -247,13 +269,18 @@ class Segmenter:
             warnings.warn("target image is constant: nothing can be segmented; the result is empty")
             return SegmentationResult(np.zeros(shape, np.uint8), task.labels, task.names, task.colours, str(self.device), time.perf_counter() - t0, 0)
         probs, n_windows = self._sliding_window(work, task.tokens, overlap, report, cancel)
+        del work
         label_map = self._to_label_map(probs, grid, task.labels)
         report(1.0, "done")
         return SegmentationResult(label_map, task.labels, task.names, task.colours, str(self.device), time.perf_counter() - t0, n_windows)
 
     def _sliding_window(self, work: torch.Tensor, tokens: torch.Tensor, overlap: float, report: Progress,
                         cancel: Cancel | None) -> tuple[torch.Tensor, int]:
-        """Gaussian-blended class probabilities (K, X, Y, Z) on the working grid."""
+        """Gaussian-blended class probabilities (K, X, Y, Z) on the working grid.
+
+        The accumulator stays float32 (K x working grid): float16 would move probabilities near the 0.5
+        threshold by up to 2.4e-4 and so change results. The working grid (1.5 mm) is much smaller than
+        the usual sub-millimetre target; only thick slices are upsampled (5 mm: x3.3 along them)."""
         win = self.config.model.window
         padded, shape = pad_to_window(work, win)
         origins = tile(padded.shape[1:], win, overlap)
@@ -270,7 +297,7 @@ class Segmenter:
             try:
                 probs = self._forward(padded, chunk, tokens)
             except torch.cuda.OutOfMemoryError:
-                self._shrink_after_oom()
+                self._shrink_after_oom(len(chunk))
                 continue
             for o, p in zip(chunk, probs):
                 sl = tuple(slice(a, a + w) for a, w in zip(o, win))
@@ -279,8 +306,8 @@ class Segmenter:
             pending = pending[len(chunk):]
             done += len(chunk)
             report(0.05 + 0.85 * done / len(origins), f"window {done}/{len(origins)}")
-        probs = acc / wsum.clamp_min(1e-12)
-        return probs[(slice(None), *(slice(0, n) for n in shape))], len(origins)
+        acc /= wsum.clamp_min_(1e-12)  # in place: the accumulator becomes the probabilities
+        return acc[(slice(None), *(slice(0, n) for n in shape))], len(origins)
 
     def _forward(self, padded: torch.Tensor, origins, tokens: torch.Tensor) -> torch.Tensor:
         win = self.config.model.window
@@ -291,32 +318,34 @@ class Segmenter:
             logits = self.model.segment(x, tokens.to(self.device)[None])
         return torch.sigmoid(logits.float()).cpu()
 
-    def _shrink_after_oom(self) -> None:
-        """CUDA out of memory: halve the window batch, then fall back to the CPU; say so."""
+    def _shrink_after_oom(self, batch: int) -> None:
+        """CUDA out of memory with a batch of `batch` windows: halve the window batch, then fall back to the
+        CPU; say so. The caller retries the same windows."""
         torch.cuda.empty_cache()
-        if self.batch_size > 1:
-            self.batch_size //= 2
+        if batch > 1:
+            self.batch_size = batch // 2
             msg = f"GPU out of memory: retrying with {self.batch_size} window(s) per batch"
-        else:
+        elif self.device.type != "cpu":
             self.device = torch.device("cpu")
-            self.model = self.model.to(self.device)
+            if isinstance(self.model, torch.nn.Module):
+                self.model = self.model.to(self.device)
             msg = "GPU out of memory even with one window: continuing on the CPU (slower)"
+        else:  # cannot happen with a real model; never loop
+            raise IrisInputError("out of memory on the CPU as well: close other programs or segment a smaller (cropped) volume")
         warnings.warn(msg)
         log.warning(msg)
 
     def _to_label_map(self, probs: torch.Tensor, grid: WorkingGrid, labels: list[int]) -> np.ndarray:
-        """Probabilities resampled onto the target grid class by class; argmax over classes with p >= threshold."""
-        best = None
-        arg = None
-        for k in range(probs.shape[0]):
-            p = grid.from_working(probs[k : k + 1])[0]
-            if best is None:
-                best, arg = p, torch.zeros(p.shape, dtype=torch.int64)
-            else:
-                better = p > best
-                best = torch.where(better, p, best)
-                arg[better] = k
-        values = torch.tensor([0, *labels])
-        out = torch.where(best >= self.config.inference.threshold, values[arg + 1], 0)
+        """On the target grid, the label of the most probable class (the first on ties) where its probability
+        is >= threshold, else 0. Streamed: the probabilities are resampled a slab of target rows at a time
+        (about SLAB_VALUES floats), so no target-sized float array is made; the label map is filled in place."""
         dtype = np.uint8 if max(labels) < 256 else np.uint16 if max(labels) < 65536 else np.int32
-        return out.numpy().astype(dtype)
+        out = np.zeros(grid.shape, dtype)
+        rows = grid.reoriented_view(out)  # writing rows of this view writes `out`
+        values = torch.tensor(labels, dtype=torch.int32)
+        n, ny, nz = rows.shape
+        step = max(1, SLAB_VALUES // (probs.shape[0] * ny * nz))
+        for start in range(0, n, step):
+            best, arg = grid.from_working_rows(probs, start, min(n, start + step)).max(0)
+            rows[start : start + step] = values[arg].masked_fill_(~(best >= self.config.inference.threshold), 0).numpy()
+        return out

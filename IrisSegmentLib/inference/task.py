@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -47,20 +49,29 @@ class TaskEmbedding:
         return TaskEmbedding(self.tokens[idx], list(labels), [self.names[i] for i in idx], [self.colours[i] for i in idx], self.model_id)
 
     def save(self, path: str | Path) -> None:
+        """Writes a .safetensors file; atomic (temporary file, then rename): never a half-written task."""
         meta = {"labels": self.labels, "names": self.names, "colours": [list(c) for c in self.colours], "model_id": self.model_id}
-        save_file({"tokens": self.tokens.detach().cpu().float().contiguous()}, str(path), metadata={"task": json.dumps(meta)})
+        p = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".iris-", suffix=".safetensors")
+        os.close(fd)
+        try:
+            save_file({"tokens": self.tokens.detach().cpu().float().contiguous()}, tmp, metadata={"task": json.dumps(meta)})
+            os.replace(tmp, p)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     @classmethod
     def load(cls, path: str | Path) -> "TaskEmbedding":
         p = Path(path)
         if not p.is_file():
-            raise IrisInputError(f"{p}: task file not found")
+            raise IrisInputError(f"{p}: task file not found; check the path")
         try:
             with safe_open(str(p), framework="pt") as f:
                 meta = json.loads((f.metadata() or {})["task"])
                 tokens = f.get_tensor("tokens")
         except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as e:
-            raise IrisInputError(f"{p}: not an IrisSegment task file ({e})") from None
+            raise IrisInputError(f"{p}: not an IrisSegment task file ({e}); save one with --save-task or Save task in Slicer") from None
         return cls(tokens, [int(v) for v in meta["labels"]], meta["names"], [tuple(c) for c in meta["colours"]], meta["model_id"])
 
     @staticmethod

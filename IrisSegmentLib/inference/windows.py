@@ -41,7 +41,3 @@ def pad_to_window(volume: torch.Tensor, window) -> tuple[torch.Tensor, tuple[int
         volume = torch.nn.functional.pad(volume, (0, pad[2], 0, pad[1], 0, pad[0]), value=mode_value)
     return volume, shape
 
-
-def batches(origins: list, size: int):
-    for i in range(0, len(origins), size):
-        yield origins[i : i + size]
