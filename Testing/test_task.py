@@ -210,3 +210,18 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         TaskEmbedding(torch.zeros(1, 2, 4), [1], ["liver"], model_id="m").save(path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
     assert torch.equal(TaskEmbedding.load(path).tokens, old.tokens)
+
+
+def test_retrieval_replaces_each_class_by_its_nearest_bank_entry(tiny_cfg, oracle):
+    """Object-level retrieval with the oracle (1-channel tokens = mean intensity under the mask)."""
+    seg = Segmenter(oracle, tiny_cfg, "cpu")
+    img, aff, lab = _reference()
+    task = seg.encode(img, aff, lab, labels=[3])
+    assert float(task.tokens[0, 0, 0]) > 0  # the structure is brighter than the mean
+    seg.bank.update("bright", torch.full((1, 1), 2.0))
+    seg.bank.update("dark", torch.full((1, 1), -2.0))
+    result, names = seg.retrieve(img, aff, task)
+    assert names == [["bright"]]
+    direct = seg.segment(img, aff, TaskEmbedding(torch.full((1, 1, 1), 2.0), [3], model_id=seg.model_id))
+    np.testing.assert_array_equal(result.label_map, direct.label_map)
+    assert not np.array_equal(result.label_map, seg.segment(img, aff, task).label_map)

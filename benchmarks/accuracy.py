@@ -3,7 +3,8 @@
 Every validation case is a query; its references are the next cases (cyclically) from OTHER
 subjects of the same validation set, so nothing here was trained on. Prints a Markdown table.
 
-    python benchmarks/accuracy.py [--model iris-small] [--data ../shared/data] [--registration]
+    python benchmarks/accuracy.py [--model iris-small] [--data ../shared/data] [--datasets la2018,acdc,...]
+        [--max-queries N] [--methods ensemble,tuned,bank,registration]
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from IrisSegmentLib import Segmenter  # noqa: E402
+from IrisSegmentLib import Segmenter, TaskEmbedding  # noqa: E402
 from IrisSegmentLib.io import read_image  # noqa: E402
 from IrisSegmentLib.training.data import BRAIN_VAL, BTCV_VAL, HIPPO_VAL_SUBJECTS  # noqa: E402
 from IrisSegmentLib.training import synth  # noqa: E402
@@ -76,7 +77,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float("nan") if int(b.sum()) == 0 else 2.0 * int(np.logical_and(a, b).sum()) / s
 
 
-def evaluate(seg: Segmenter, root: Path, dataset: str, n_refs: int, registration: bool, max_queries: int | None, log) -> dict:
+def evaluate(seg: Segmenter, root: Path, dataset: str, n_refs: int, methods: set[str], max_queries: int | None, log) -> dict:
     items = cases(root, dataset)
     if max_queries:
         items = items[:max_queries]
@@ -89,7 +90,8 @@ def evaluate(seg: Segmenter, root: Path, dataset: str, n_refs: int, registration
             cache[i] = load_case(ip, lp, modality_seed=7)
         return cache[i]
 
-    rows = {"one-shot": {}, f"ensemble of {n_refs}": {}, "registration": {}}
+    ensemble, tuned = f"ensemble of {n_refs}", f"tuned on {n_refs}"
+    rows = {m: {} for m in ("one-shot", ensemble, tuned, "memory bank", "registration")}
     times = {"one-shot": [], "registration": []}
     for qi, (cid, subject, _, _) in enumerate(items):
         order = [(qi + d) % len(items) for d in range(1, len(items))]
@@ -100,7 +102,16 @@ def evaluate(seg: Segmenter, root: Path, dataset: str, n_refs: int, registration
             r_img, r_aff, r_lab = get(ri)
             have = [v for v in labels if (r_lab == v).any()]
             tasks.append(seg.encode(r_img, r_aff, r_lab, labels=have))
-        for name, task in (("one-shot", tasks[0]), (f"ensemble of {n_refs}", type(tasks[0]).ensemble(tasks))):
+        runs = [("one-shot", tasks[0])]
+        if "ensemble" in methods:
+            runs.append((ensemble, TaskEmbedding.ensemble(tasks)))
+        if "tuned" in methods:
+            runs.append((tuned, seg.tune(TaskEmbedding.ensemble(tasks), [get(ri) for ri in refs])))
+        if "bank" in methods:
+            known = [v for v in labels if f"{dataset}:{v}" in seg.bank.embeddings]
+            if known:
+                runs.append(("memory bank", seg.bank.task([f"{dataset}:{v}" for v in known], known)))
+        for name, task in runs:
             t0 = time.perf_counter()
             res = seg.segment(q_img, q_aff, task)
             if name == "one-shot":
@@ -109,7 +120,7 @@ def evaluate(seg: Segmenter, root: Path, dataset: str, n_refs: int, registration
                 d = dice(res.label_map == v, q_lab == v)
                 if not np.isnan(d):
                     rows[name].setdefault(v, []).append(d)
-        if registration:
+        if "registration" in methods:
             r_img, r_aff, r_lab = get(refs[0])
             warped, secs = register_and_warp(r_img, r_aff, r_lab, q_img, q_aff)
             times["registration"].append(secs)
@@ -123,7 +134,8 @@ def evaluate(seg: Segmenter, root: Path, dataset: str, n_refs: int, registration
 
 
 def table(results: dict) -> str:
-    methods = ["one-shot", next(k for k in next(iter(results.values()))["rows"] if k.startswith("ensemble")), "registration"]
+    first = next(iter(results.values()))["rows"]
+    methods = [m for m in first if any(r["rows"][m] for r in results.values())]
     lines = ["| dataset | structure | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for ds, r in results.items():
         for v, name in LABELS[ds].items():
@@ -152,7 +164,9 @@ def main() -> None:
     ap.add_argument("--datasets", default="la2018,acdc,hippocampus,btcv,brain")
     ap.add_argument("--references", type=int, default=3)
     ap.add_argument("--max-queries", type=int, default=None)
-    ap.add_argument("--registration", action="store_true", help="also run the SimpleITK registration baseline")
+    ap.add_argument("--methods", default="ensemble,registration",
+                    help="besides one-shot, any of: ensemble, tuned (in-context tuning), bank (memory bank, no reference), "
+                         "registration (SimpleITK baseline)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None, help="also write the raw results here")
     a = ap.parse_args()
@@ -160,7 +174,7 @@ def main() -> None:
     print(f"model {seg.model_id} on {seg.device}", file=sys.stderr)
     results = {}
     for ds in a.datasets.split(","):
-        results[ds] = evaluate(seg, Path(a.data), ds, a.references, a.registration, a.max_queries,
+        results[ds] = evaluate(seg, Path(a.data), ds, a.references, set(a.methods.split(",")), a.max_queries,
                                lambda m: print(m, file=sys.stderr))
     print(table(results))
     if a.json:
