@@ -51,7 +51,7 @@ def register_and_warp(ref_image, ref_affine, ref_label, qry_image, qry_affine, b
     breg.SetMetricSamplingStrategy(breg.RANDOM)
     breg.SetMetricSamplingPercentage(frac, seed=0)
     breg.SetInterpolator(sitk.sitkLinear)
-    breg.SetOptimizerAsLBFGSB(numberOfIterations=iterations)
+    breg.SetOptimizerAsLBFGSB(numberOfIterations=iterations, maximumNumberOfFunctionEvaluations=4 * iterations)
     breg.SetShrinkFactorsPerLevel([max(1, coarse // 2), 1])
     breg.SetSmoothingSigmasPerLevel([1, 0])
     bs = sitk.BSplineTransformInitializer(fixed, [bspline_mesh] * 3)
