@@ -119,6 +119,16 @@ def cmd_info(a) -> int:
 
 
 def cmd_pack(a) -> int:
+    if a.travel:
+        from .training.travel import make_travel
+
+        summary = make_travel(a.travel, a.out, margin=a.margin)
+        size = sum(f.stat().st_size for f in Path(a.out).rglob("*") if f.is_file())
+        for key, (kept, total) in summary["cases_kept_of"].items():
+            print(f"  {key:<20} {kept:>4} of {total:<4} cases {summary['bytes'][key] / 2**20:7.2f} MiB")
+        print(f"image quantisation error: max {summary['image_max_abs_error']:.4f}, RMS {summary['image_rms_error']:.4f}")
+        print(f"travel cache {a.out}: {size / 2**20:.1f} MiB")
+        return 0
     from .config import BundleConfig
     from .training.data import pack
 
@@ -129,19 +139,26 @@ def cmd_pack(a) -> int:
 
 
 def cmd_train(a) -> int:
+    import dataclasses
+
     from .config import BundleConfig
+    from .resources import model_dir
     from .training.train import train
+    from .weights import CONFIG
 
-    cfg = BundleConfig.load(a.config)
-    if a.seed is not None:
-        import dataclasses
-
-        cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, seed=a.seed))
-    train(cfg, a.data, a.out, a.minutes, a.resume, a.device)
+    if not a.config and not a.init:
+        raise IrisInputError("give --config, or --init MODEL_DIR to train with that model folder's config")
+    cfg = BundleConfig.load(a.config or model_dir(a.init) / CONFIG)
+    overrides = {k: v for k, v in (("seed", a.seed), ("batch_size", a.batch_size)) if v is not None}
+    cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, **overrides))
+    train(cfg, a.data, a.out, a.minutes, a.resume, a.device, checkpoint_minutes=a.checkpoint_minutes, init=a.init,
+          workers=a.workers, resume_dir=a.resume_dir, bank_crops=a.bank_crops)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .training.travel import MARGIN
+
     p = argparse.ArgumentParser(prog="iris-segment", description="In-context 3D segmentation with IRIS")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -172,18 +189,27 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(fn=cmd_info)
 
     k = sub.add_parser("pack", help="pack training data onto the working grid (data cache for training)")
-    k.add_argument("--source", required=True, help="folder laid out as shared/data")
+    src = k.add_mutually_exclusive_group(required=True)
+    src.add_argument("--source", help="folder laid out as shared/data")
+    src.add_argument("--travel", metavar="PACKED", help="instead: shrink this packed cache into a travel cache for the GPU machine")
     k.add_argument("--out", required=True)
-    k.add_argument("--config", default=None)
+    k.add_argument("--config", default=None, help="bundle config whose spacing and intensity settings --source uses")
+    k.add_argument("--margin", type=int, default=MARGIN, help=f"--travel: voxels kept around each label's bounding box (default {MARGIN})")
     k.set_defaults(fn=cmd_pack)
 
     t = sub.add_parser("train", help="episodic training with a time budget, resumable")
-    t.add_argument("--config", required=True, help="bundle config YAML (e.g. Resources/Configs/iris-small.yaml)")
-    t.add_argument("--data", required=True, help="packed data folder (from `iris-segment pack`)")
-    t.add_argument("--minutes", type=float, required=True)
+    t.add_argument("--config", default=None, help="bundle config YAML (e.g. Resources/Configs/iris-small.yaml); default with --init: that folder's")
+    t.add_argument("--data", required=True, help="packed or travel data folder (from `iris-segment pack`)")
+    t.add_argument("--minutes", type=float, required=True, help="time budget from the start (data loading included); validation and the final export follow")
     t.add_argument("--resume", default=None, help="checkpoint.safetensors to continue from")
-    t.add_argument("--out", required=True)
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--init", default=None, metavar="MODEL_DIR", help="start from this model folder's weights (EMA too), fresh optimiser and warm-up")
+    t.add_argument("--out", required=True, help="gets log.jsonl and the model folder model/")
+    t.add_argument("--resume-dir", default=None, help="where checkpoint.safetensors (~120 MB for iris-small) goes (default: --out)")
+    t.add_argument("--checkpoint-minutes", type=float, default=2.0, help="checkpoint and export this often")
+    t.add_argument("--device", default="cpu", help="cpu or cuda")
+    t.add_argument("--workers", type=int, default=0, help="processes that sample episodes (0: this one)")
+    t.add_argument("--batch-size", type=int, default=None, help="episodes per step (default: the config's)")
+    t.add_argument("--bank-crops", type=int, default=4, help="reference crops per class that the exported memory bank averages over")
     t.add_argument("--seed", type=int, default=None)
     t.set_defaults(fn=cmd_train)
     return p

@@ -1,4 +1,5 @@
-"""Configuration: one dataclass per concern, saved as YAML beside the weights."""
+"""Configuration: one dataclass per concern, saved as YAML beside the weights (PyYAML when
+installed, else the subset in `miniyaml`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,8 +7,6 @@ import hashlib
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-
-import yaml
 
 
 @dataclass(frozen=True)
@@ -61,6 +60,10 @@ class InferenceConfig:
     mr_clip_percentiles: tuple[float, float] = (0.5, 99.5)
     threshold: float = 0.5
     max_reference_crops: int = 8  # crops averaged when a structure exceeds one window
+    strategy: str = "coarse-to-fine"  # or "full": every overlapping window everywhere
+    coarse_threshold: float = 0.1  # coarse probability that marks a region for the overlapping windows
+    coarse_margin: int = 8  # working voxels around that region also refined
+    cpu_precision: str = "auto"  # "bf16", "fp32", or "auto": bf16 where the CPU computes it natively
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,14 @@ class TrainingConfig:
     bank_momentum: float = 0.99  # memory-bank EMA of class embeddings
     empty_query_prob: float = 0.15  # query crops that miss the structure
     dataset_weights: dict[str, float] = field(default_factory=dict)
+
+
+def _yaml():
+    try:
+        import yaml
+    except ImportError:
+        from . import miniyaml as yaml
+    return yaml
 
 
 def _tuple_fields(cls, data: dict) -> dict:
@@ -125,10 +136,11 @@ class BundleConfig:
         )
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        Path(path).write_text(_yaml().safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def load(cls, path: str | Path) -> "BundleConfig":
+        yaml = _yaml()
         try:
             data = yaml.safe_load(Path(path).read_text())
         except yaml.YAMLError as e:

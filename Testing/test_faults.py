@@ -110,7 +110,7 @@ def test_cancel_in_the_middle_raises_and_leaves_no_state(many_windows_cfg):
     reports = []
     with pytest.raises(Cancelled):
         seg.segment(image, OBLIQUE, task, overlap=0.75, progress=lambda f, m: reports.append(m),
-                    cancel=lambda: any(m.startswith("window ") for m in reports))
+                    cancel=lambda: any(m.startswith("window ") for m in reports), strategy="full")
     done, total = map(int, reports[-1].split()[1].split("/"))
     assert 0 < done < total  # cancelled between two batches of windows
     result = seg.segment(image, OBLIQUE, task, overlap=0.75)  # the next run is unaffected

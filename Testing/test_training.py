@@ -1,5 +1,6 @@
-"""Training: the packed data format, the episodic sampler, the loss, checkpoints, a tiny
-time-budgeted run with export and resume."""
+"""Training: the packed and travel data formats, the episodic sampler and its workers, the loss,
+checkpoints, tiny time-budgeted runs with export, resume and --init, the exported memory bank, and
+the train command on a machine without nibabel and PyYAML."""
 from __future__ import annotations
 
 import copy
@@ -13,11 +14,15 @@ from safetensors import safe_open
 
 from conftest import ellipsoid_mask, make_affine, make_tiny_model, write_nifti
 from IrisSegmentLib.config import TrainingConfig
+from IrisSegmentLib.errors import IrisInputError
 from IrisSegmentLib.inference.task import MemoryBank
 from IrisSegmentLib.training import data as data_module
+from IrisSegmentLib.training import travel
+from IrisSegmentLib.training.bank import bank_batches, fill_bank
 from IrisSegmentLib.training.data import load, pack, pack_case
 from IrisSegmentLib.training.losses import dice_bce, dice_score
 from IrisSegmentLib.training.sampler import MIN_REF_VOXELS, EpisodeSampler, collate, crop
+from IrisSegmentLib.training.stream import episode_batches
 from IrisSegmentLib.training.train import CHECKPOINT, load_checkpoint, lr_at, save_checkpoint, train
 from IrisSegmentLib.weights import load_model
 
@@ -193,16 +198,12 @@ def test_checkpoint_round_trip(tmp_path, tiny_cfg):
         opt.zero_grad()
         model(x, x, m).square().mean().backward()
         opt.step()
-    bank = MemoryBank(0.9)
-    bank.update("btcv:3", torch.randn(5, 32))
-    bank.update("btcv:3", torch.randn(5, 32))
-    save_checkpoint(tmp_path / CHECKPOINT, model, ema, opt, bank, 17, tiny_cfg)
+    save_checkpoint(tmp_path / CHECKPOINT, model, ema, opt, 17, tiny_cfg)
 
     model2 = make_tiny_model(tiny_cfg, seed=99)
     ema2 = make_tiny_model(tiny_cfg, seed=98)
     opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
-    bank2 = MemoryBank(0.9)
-    assert load_checkpoint(tmp_path / CHECKPOINT, model2, ema2, opt2, bank2) == 17
+    assert load_checkpoint(tmp_path / CHECKPOINT, model2, ema2, opt2) == 17
     for a, b in ((model, model2), (ema, ema2)):
         for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
             assert torch.equal(va, vb), k
@@ -211,7 +212,6 @@ def test_checkpoint_round_trip(tmp_path, tiny_cfg):
     for pid in s1:
         for name in s1[pid]:
             assert torch.equal(torch.as_tensor(s1[pid][name]).float(), torch.as_tensor(s2[pid][name]).float()), (pid, name)
-    assert bank2.counts == {"btcv:3": 2} and torch.equal(bank2.embeddings["btcv:3"], bank.embeddings["btcv:3"])
     # a further optimiser step from the restored state is the same step
     for mm, oo in ((model, opt), (model2, opt2)):
         oo.zero_grad()
@@ -229,7 +229,7 @@ def test_train_export_and_resume(tmp_path, packed, tiny_cfg):
     cfg = dataclasses.replace(tiny_cfg, training=dataclasses.replace(tiny_cfg.training, warmup_steps=5))
     out = tmp_path / "run"
     lines = []
-    train(cfg, packed, out, minutes=0.05, val_episodes=2, log_every=1, log=lines.append)
+    train(cfg, packed, out, minutes=0.06, val_episodes=2, log_every=1, log=lines.append, bank_crops=1)
 
     # checkpoint
     with safe_open(str(out / CHECKPOINT), framework="pt") as f:
@@ -259,25 +259,22 @@ def test_train_export_and_resume(tmp_path, packed, tiny_cfg):
     for k, v in model.state_dict().items():
         assert torch.equal(v, ema[k].half().float()), k
     bank = MemoryBank.load(out / "model" / "memory_bank.safetensors")
-    assert bank.embeddings and all(n.split(":")[0] in ("btcv", "brain") or n.startswith("shape") for n in bank.embeddings)
+    assert bank.embeddings and all(n.split(":")[0] in ("btcv", "brain") for n in bank.embeddings)
     assert all(t.shape == (cfg.model.num_queries + 1, cfg.model.token_dim) for t in bank.embeddings.values())
     assert bank.model_id == f"tiny-{cfg.model.fingerprint()}"
 
     # resume: continues the step count from the checkpoint
     out2 = tmp_path / "run2"
     lines2 = []
-    train(cfg, packed, out2, minutes=0.03, resume=out / CHECKPOINT, val_episodes=2, log_every=1, log=lines2.append)
+    train(cfg, packed, out2, minutes=0.05, resume=out / CHECKPOINT, val_episodes=2, log_every=1, log=lines2.append, bank_crops=1)
     assert lines2[0] == f"resumed from {out / CHECKPOINT} at step {steps}"
     recs2 = _records(out2 / "log.jsonl")
     losses2 = [r for r in recs2 if "loss" in r]
     assert losses2[0]["step"] == steps + 1
     with safe_open(str(out2 / CHECKPOINT), framework="pt") as f:
         steps2 = int(f.metadata()["step"])
-        counts2 = json.loads(f.metadata()["bank_counts"])
     assert steps2 == losses2[-1]["step"] > steps
     assert load_model(out2 / "model")[2]["steps"] == steps2
-    # the memory bank carried over and kept counting
-    assert sum(counts2.values()) > sum(bank.counts.values())
 
 
 def test_pack_case_and_pack(tmp_path):
@@ -303,3 +300,211 @@ def test_pack_case_and_pack(tmp_path):
     assert [c.case_id for c in load(out, "train")] == ["hippocampus_041"]
     assert [c.case_id for c in load(out, "val")] == ["hippocampus_001"]
     assert data_module.HIPPO_VAL_SUBJECTS == 10
+
+
+# -- travel cache ---------------------------------------------------------------------------------
+def test_travel_encode_decode_error_bound():
+    rng = np.random.default_rng(0)
+    label = (rng.random((20, 18, 16)) > 0.7).astype(np.uint8)
+    image = rng.normal(0, 1, label.shape).astype(np.float16)
+    label2, values, decoded = travel.decode(travel.encode(label, np.array([0, 5], np.int32), image))
+    assert np.array_equal(label2, label) and list(values) == [0, 5] and decoded.dtype == np.float16
+    x = image.astype(np.float32)
+    step = (x.max() - x.min()) / 255
+    err = np.abs(decoded.astype(np.float32) - x)
+    assert err.max() <= step / 2 + float(np.spacing(np.float16(np.abs(x).max())))
+    assert err.max() > step / 4  # quantised, not stored exactly
+    assert decoded.min() == image.min()  # the padding value of crops is kept
+    assert travel.decode(travel.encode(label, np.array([0, 5], np.int32), None))[2] is None
+
+
+def test_travel_spread_and_tighten():
+    entries = [{"group": f"p{g}", "id": f"p{g}_f{f}"} for g in range(4) for f in range(2)]
+    ids = lambda es: [e["id"] for e in es]  # noqa: E731
+    assert ids(travel.spread(entries, 2)) == ["p0_f0", "p3_f1"]  # distinct subjects, frames alternate
+    assert ids(travel.spread(entries, 4)) == ["p0_f0", "p1_f1", "p2_f0", "p3_f1"]
+    assert len(travel.spread(entries, 5)) == 5 and ids(travel.spread(entries, None)) == ids(entries)
+    label = np.zeros((30, 30, 30), np.uint8)
+    label[10:12, 3:5, 20:28] = 1
+    assert travel.tighten(label, 4) == (slice(6, 16), slice(0, 9), slice(16, 30))
+
+
+def test_travel_pack_round_trip(tmp_path, packed, capsys):
+    from IrisSegmentLib.cli import main
+
+    assert main(["pack", "--travel", str(packed), "--out", str(tmp_path / "travel"), "--margin", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "train/btcv" in out and "travel cache" in out and "MiB" in out
+    summary = travel.make_travel(packed, tmp_path / "t2", limits={"train": {"btcv": 2}}, margin=4)
+    assert summary["cases_kept_of"]["train/btcv"] == [2, 3] and summary["cases_kept_of"]["val/btcv"] == [2, 2]
+    before = {c.case_id: c for c in load(packed, "train") + load(packed, "val")}
+    after = load(tmp_path / "t2", "train")
+    assert [c.case_id for c in after] == ["caseA", "caseC", "seg1"]
+    worst = 0.0
+    for c in after + load(tmp_path / "t2", "val"):
+        p = before[c.case_id]
+        sl = travel.tighten(p.label, 4)
+        assert (c.dataset, c.group) == (p.dataset, p.group) and np.array_equal(c.values, p.values)
+        assert np.array_equal(c.label, p.label[sl])
+        if p.image is None:
+            assert c.image is None
+            continue
+        x = p.image[sl].astype(np.float32)
+        err = float(np.abs(c.image.astype(np.float32) - x).max())
+        assert err <= (x.max() - x.min()) / 255 / 2 + float(np.spacing(np.float16(np.abs(x).max())))
+        worst = max(worst, err)
+    assert summary["image_max_abs_error"] == pytest.approx(worst)
+    with pytest.raises(ValueError, match="already a travel cache"):
+        travel.make_travel(tmp_path / "t2", tmp_path / "t3")
+
+
+# -- workers, --init, memory bank -----------------------------------------------------------------
+def _same(a, b):
+    return a["names"] == b["names"] and all(torch.equal(a[k], b[k]) for k in ("ref_image", "ref_masks", "query_image", "query_masks", "valid"))
+
+
+def test_worker_batches_are_deterministic(packed):
+    cases, tc = load(packed, "train"), _tc(dataset_weights={})
+
+    def first(seed, workers, n):
+        it = episode_batches(cases, tc, seed, workers)
+        out = [next(it) for _ in range(n)]
+        it.close()
+        return out
+
+    two = first(7, 2, 3)
+    assert all(_same(a, b) for a, b in zip(two, first(7, 2, 3)))
+    inline7, inline8 = first(7, 0, 2), first(8, 0, 1)
+    # batches come from the workers in turn; worker w samples with seed + w
+    assert _same(two[0], inline7[0]) and _same(two[1], inline8[0]) and _same(two[2], inline7[1])
+    assert not _same(two[0], two[1]) and two[0]["ref_image"].shape == (2, 1, 32, 32, 32)
+
+
+def test_init_starts_from_the_model_folder(tmp_path, packed, tiny_cfg, tiny_model_dir, repo_root):
+    out = tmp_path / "run"
+    lines = []
+    train(tiny_cfg, packed, out, minutes=0, init=tiny_model_dir, val_episodes=2, bank_crops=1, log=lines.append)
+    assert lines[0] == f"initialised from {tiny_model_dir}"
+    src = load_model(tiny_model_dir)[0].state_dict()
+    with safe_open(str(out / CHECKPOINT), framework="pt") as f:
+        assert f.metadata()["step"] == "0"
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    assert not any(k.startswith("opt.") for k in t)  # a fresh optimiser
+    for k, v in src.items():
+        assert torch.equal(t[f"model.{k}"], v) and torch.equal(t[f"ema.{k}"], v), k
+    exported = load_model(out / "model")[0].state_dict()
+    assert all(torch.equal(exported[k], v) for k, v in src.items())
+    with pytest.raises(IrisInputError, match="fingerprint"):
+        train(tiny_cfg, packed, tmp_path / "x", minutes=0, init=repo_root / "Resources" / "Models" / "iris-small")
+    with pytest.raises(IrisInputError, match="not both"):
+        train(tiny_cfg, packed, tmp_path / "y", minutes=0, init=tiny_model_dir, resume=out / CHECKPOINT)
+
+
+def test_exported_bank_is_what_the_exported_model_gives(tmp_path, packed, tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, training=dataclasses.replace(tiny_cfg.training, warmup_steps=1, lr=1e-2))
+    out = tmp_path / "run"
+    train(cfg, packed, out, minutes=0.05, val_episodes=2, bank_crops=3, log=lambda s: None)
+    model, _, _ = load_model(out / "model")
+    bank = MemoryBank.load(out / "model" / "memory_bank.safetensors")
+    batches = bank_batches(load(packed, "train"), cfg.training, 3)
+    # every class of every collection trained on, 3 crops each (not a random draw of episodes)
+    assert bank.counts == {n: 3 for n in ("brain:2", "brain:4", "btcv:3", "btcv:7", "btcv:9")}
+    assert all(torch.equal(a["ref_image"], b["ref_image"]) for a, b in zip(batches, bank_batches(load(packed, "train"), cfg.training, 3)))
+    expected = fill_bank(model, batches, 0.99, "")
+    assert bank.counts == expected.counts and bank.momentum == cfg.training.bank_momentum
+    for n, v in expected.embeddings.items():
+        torch.testing.assert_close(bank.embeddings[n], v, rtol=0, atol=1e-6)
+    # made by the exported (EMA) weights, not by the live network
+    with safe_open(str(out / CHECKPOINT), framework="pt") as f:
+        assert int(f.metadata()["step"]) >= 1
+        live = make_tiny_model(cfg)
+        live.load_state_dict({k[6:]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")})
+    live_bank = fill_bank(live, batches, 0.99, "")
+    assert not all(torch.allclose(live_bank.embeddings[k], v, atol=1e-4) for k, v in bank.embeddings.items())
+
+
+def test_bank_references_are_centred_on_their_class(packed):
+    cases = load(packed, "train")
+    batches = bank_batches(cases, _tc(dataset_weights={"brain": 0.0}), 2)  # a collection not trained on is left out
+    names = [n[0] for b in batches for n in b["names"]]
+    assert names == ["btcv:3", "btcv:3", "btcv:7", "btcv:7", "btcv:9", "btcv:9"]
+    for b in batches:
+        assert b["ref_image"].shape[1:] == (1, 32, 32, 32) and b["ref_masks"].shape[1:] == (1, 32, 32, 32)
+        for i, (n,) in enumerate(b["names"]):
+            value = int(n.split(":")[1])  # the fixture's image holds the label value
+            assert torch.equal(b["ref_masks"][i, 0], b["ref_image"][i, 0] == value) and b["valid"][i, 0]
+            assert b["ref_masks"][i, 0, 12:21, 12:21, 12:21].any()  # centred on the class (jitter <= 4)
+
+
+def test_fill_bank_averages_every_sighting(tiny_cfg):
+    model = make_tiny_model(tiny_cfg)
+    x = torch.randn(2, 1, 32, 32, 32)
+    m = (torch.rand(2, 3, 32, 32, 32) > 0.6).float()
+    b = {"ref_image": x, "ref_masks": m, "valid": torch.tensor([[True, True, False], [True, False, True]]),
+         "names": [["a", "b", "c"], ["a", "", "c"]]}
+    bank = fill_bank(model, [b], 0.9, "id")
+    with torch.no_grad():
+        t = model.encode_task(x, m)
+    assert bank.counts == {"a": 2, "b": 1, "c": 1} and bank.model_id == "id" and bank.momentum == 0.9
+    torch.testing.assert_close(bank.embeddings["a"], (t[0, 0] + t[1, 0]) / 2)
+    torch.testing.assert_close(bank.embeddings["c"], t[1, 2])  # the invalid sighting in sample 0 is left out
+
+
+def test_miniyaml_reads_and_writes_configs_as_pyyaml_does(repo_root):
+    import yaml
+
+    from IrisSegmentLib import miniyaml
+
+    files = sorted((repo_root / "Resources").glob("Configs/*.yaml")) + sorted((repo_root / "Resources").glob("Models/*/config.yaml"))
+    assert len(files) >= 3
+    for f in files:
+        data = yaml.safe_load(f.read_text())
+        assert miniyaml.safe_load(f.read_text()) == data, f
+        text = miniyaml.safe_dump(data, sort_keys=False)
+        assert yaml.safe_load(text) == data and miniyaml.safe_load(text) == data, f
+    odd = {"a": {"f": 1e-05, "g": -2.5e16, "i": float("inf"), "s": "true", "q": "x: y", "n": None, "e": {},
+                 "l": [1, 2.0, "two words"], "w": {"btcv": 1.0, "shapes": 0}}, "b": [True, False]}
+    text = miniyaml.safe_dump(odd)
+    assert yaml.safe_load(text) == odd == miniyaml.safe_load(text)
+    assert miniyaml.safe_load("# c\nm:\n  k: 'it''s' # note\n  l:\n  - 1\n  - -2.0e+3\n") == {"m": {"k": "it's", "l": [1, -2000.0]}}
+    for bad in ("model: [unclosed\n", "a: {b: [1]}\n", "a: 'x\n", 'a: "\\q"\n', "a:\n\tb: 1\n", "a: 1\n   b: 2\n"):
+        with pytest.raises(miniyaml.YAMLError):
+            miniyaml.safe_load(bad)
+
+
+BLOCKER = """
+import sys
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('nibabel', 'yaml'):
+            raise ModuleNotFoundError(f'blocked: {name}', name=name)
+sys.meta_path.insert(0, Blocker())
+from IrisSegmentLib.cli import main
+rc = main(sys.argv[1:])
+print('imported:', sorted(m for m in sys.modules if m.split('.')[0] in ('nibabel', 'yaml')))
+sys.exit(rc)
+"""
+
+
+def test_train_command_without_nibabel_and_yaml(tmp_path, packed, tiny_cfg, tiny_model_dir, repo_root):
+    """The GPU machine has neither: the train command reads the travel cache and the model folder's
+    config.yaml and writes the exported folder with neither importable."""
+    import os
+    import subprocess
+    import sys
+
+    travel.make_travel(packed, tmp_path / "travel", margin=4)
+    assert not load(tmp_path / "travel", "val")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(repo_root), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", BLOCKER, "train", "--init", str(tiny_model_dir), "--data", str(tmp_path / "travel"),
+           "--minutes", "0.05", "--out", str(out), "--resume-dir", str(tmp_path / "resume"), "--workers", "1",
+           "--batch-size", "1", "--bank-crops", "1", "--checkpoint-minutes", "0.01"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "initialised from" in r.stdout and "imported: []" in r.stdout
+    model, cfg, info = load_model(out / "model")
+    assert cfg == dataclasses.replace(tiny_cfg, training=dataclasses.replace(tiny_cfg.training, batch_size=1))
+    assert info["steps"] >= 1 and info["val_dice"] == {}  # the fixture's only validation collection stays home
+    assert (out / "model" / "memory_bank.safetensors").is_file() and (out / "log.jsonl").is_file()
+    assert (tmp_path / "resume" / CHECKPOINT).is_file() and not (out / CHECKPOINT).exists()

@@ -1,5 +1,6 @@
 """Sliding windows: tiling covers every voxel, Gaussian blending normalises, windows land where
-they were cut from (checked through the engine's own sliding-window loop)."""
+they were cut from (checked through the engine's own sliding-window loop); coarse-to-fine equals
+the full blend where it matters and runs fewer windows."""
 from __future__ import annotations
 
 import itertools
@@ -10,7 +11,8 @@ import pytest
 import torch
 
 from IrisSegmentLib.inference.segmenter import Segmenter
-from IrisSegmentLib.inference.windows import gaussian_weights, pad_to_window, starts, tile
+from IrisSegmentLib.errors import IrisInputError
+from IrisSegmentLib.inference.windows import coarse_starts, coarse_tile, gaussian_weights, pad_to_window, starts, tile
 
 WINDOW = (32, 32, 32)
 SIZES = [1, 5, 31, 32, 33, 40, 63, 64, 65, 97]
@@ -107,7 +109,7 @@ class EchoModel:
 def test_engine_blending_of_constant_is_constant(tiny_cfg, shape):
     seg = Segmenter(ConstantModel(0.7), tiny_cfg, "cpu")
     work = torch.randn(1, *shape)
-    probs, n = seg._sliding_window(work, torch.zeros(2, 1, 1), 0.5, lambda f, m: None, None)
+    probs, n = seg._sliding_window(work, torch.zeros(2, 1, 1), 0.5, lambda f, m: None, None, "full")
     assert probs.shape == (2, *shape)
     assert n == len(tile(tuple(max(a, b) for a, b in zip(shape, WINDOW)), WINDOW, 0.5))
     expected = torch.sigmoid(torch.tensor(0.7)).item()
@@ -119,10 +121,98 @@ def test_engine_windows_land_where_they_were_cut(tiny_cfg, shape, overlap):
     seg = Segmenter(EchoModel(), tiny_cfg, "cpu")
     work = torch.randn(1, *shape)
     progress = []
-    probs, n = seg._sliding_window(work, torch.zeros(3, 1, 1), overlap, lambda f, m: progress.append(f), None)
+    probs, n = seg._sliding_window(work, torch.zeros(3, 1, 1), overlap, lambda f, m: progress.append(f), None, "full")
     assert probs.shape == (3, *shape)
     for k in range(3):
         torch.testing.assert_close(probs[k], torch.sigmoid(work[0] + k), rtol=0, atol=1e-5)
     assert len(progress) == math.ceil(n / tiny_cfg.inference.batch_size)
     assert progress == sorted(progress) and progress[-1] == pytest.approx(0.9)
 
+
+
+@pytest.mark.parametrize("overlap", OVERLAPS)
+def test_coarse_starts_are_a_covering_subset(overlap):
+    for w in (8, 32, 64):
+        for n in list(range(1, 3 * w + 2)) + [5 * w - 1, 273, 300]:
+            fine, coarse = starts(n, w, overlap), coarse_starts(n, w, overlap)
+            assert set(coarse) <= set(fine) and coarse == sorted(set(coarse))
+            covered = np.zeros(max(n, w), int)
+            for a in coarse:
+                covered[a : a + w] += 1
+            assert covered[:n].min() >= 1, (n, w, overlap)
+            if overlap >= 0.5 and n > 2 * w:  # the point of it: clearly fewer windows
+                assert len(coarse) <= (len(fine) + 1) // 2 + 1
+
+
+class BlobModel:
+    """Logits high only where the window's image is bright: a structure found only where it is."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def segment(self, image, tokens):
+        self.calls += image.shape[0]
+        k = tokens.shape[1]
+        return (12 * image - 6).expand(-1, k, -1, -1, -1)
+
+
+def _blob_volume(shape=(160, 160, 128), centre=(40, 90, 70), radius=6.0) -> torch.Tensor:
+    grid = np.stack(np.meshgrid(*(np.arange(n) for n in shape), indexing="ij"), -1)
+    blob = (np.linalg.norm(grid - np.array(centre), axis=-1) < radius).astype(np.float32)
+    noise = np.random.default_rng(0).normal(0, 0.01, shape).astype(np.float32)
+    return torch.from_numpy(blob + noise)[None]
+
+
+def test_coarse_to_fine_equals_full_and_runs_fewer_windows(tiny_cfg):
+    work = _blob_volume()
+    full_model, c2f_model = BlobModel(), BlobModel()
+    full, n_full = Segmenter(full_model, tiny_cfg, "cpu")._sliding_window(work, torch.zeros(2, 1, 1), 0.5, lambda f, m: None, None, "full")
+    progress = []
+    c2f, n_c2f = Segmenter(c2f_model, tiny_cfg, "cpu")._sliding_window(work, torch.zeros(2, 1, 1), 0.5,
+                                                                         lambda f, m: progress.append(f), None, "coarse-to-fine")
+    assert (n_full, n_c2f) == (full_model.calls, c2f_model.calls)
+    assert n_c2f < n_full / 3
+    inside = full > 0.05
+    assert inside.any()
+    torch.testing.assert_close(c2f[inside], full[inside], rtol=0, atol=1e-6)  # exactly the full blend there
+    assert torch.equal(c2f > 0.5, full > 0.5)
+    assert progress == sorted(progress) and progress[-1] == pytest.approx(0.9)
+
+
+def test_windows_of_a_constant_image_are_not_run(tiny_cfg):
+    work = torch.full((1, 96, 64, 64), -1.0)
+    work[:, :32] = torch.randn(1, 32, 64, 64)
+    model = BlobModel()
+    probs, n = Segmenter(model, tiny_cfg, "cpu")._sliding_window(work, torch.zeros(1, 1, 1), 0.5, lambda f, m: None, None, "full")
+    total = len(tile(work.shape[1:], WINDOW, 0.5))
+    assert n == model.calls < total
+    assert float(probs[0, 64:].max()) == 0.0  # nothing is found where there is nothing to see
+
+
+def test_unknown_strategy_is_refused(tiny_cfg):
+    with pytest.raises(IrisInputError, match="unknown strategy 'fast'"):
+        Segmenter(BlobModel(), tiny_cfg, "cpu")._sliding_window(torch.zeros(1, 40, 40, 40), torch.zeros(1, 1, 1), 0.5,
+                                                                lambda f, m: None, None, "fast")
+
+
+def test_cpu_bf16_windows_match_float32(tiny_cfg, tiny_model):
+    import dataclasses
+
+    work = torch.randn(1, 40, 36, 30)
+    tokens = torch.randn(2, tiny_cfg.model.num_queries + 1, tiny_cfg.model.token_dim)
+    probs = {}
+    for precision in ("fp32", "bf16"):
+        cfg = dataclasses.replace(tiny_cfg, inference=dataclasses.replace(tiny_cfg.inference, cpu_precision=precision))
+        seg = Segmenter(tiny_model, cfg, "cpu")
+        assert seg.cpu_bf16 == (precision == "bf16")
+        probs[precision] = seg._sliding_window(work, tokens, 0.5, lambda f, m: None, None, "full")[0]
+    assert not torch.equal(probs["fp32"], probs["bf16"])  # the bf16 path really ran
+    torch.testing.assert_close(probs["bf16"], probs["fp32"], rtol=0, atol=2e-2)
+
+
+def test_unknown_cpu_precision_is_refused(tiny_cfg, tiny_model):
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_cfg, inference=dataclasses.replace(tiny_cfg.inference, cpu_precision="fp8"))
+    with pytest.raises(IrisInputError, match="cpu_precision must be auto, bf16 or fp32"):
+        Segmenter(tiny_model, cfg, "cpu")

@@ -5,6 +5,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
@@ -15,12 +16,13 @@ from ..errors import Cancelled, IrisInputError
 from .geometry import WorkingGrid
 from .intensity import normalise_
 from .task import Colour, MemoryBank, TaskEmbedding, tune
-from .windows import gaussian_weights, pad_to_window, tile
+from .windows import coarse_tile, gaussian_weights, pad_to_window, tile
 
 log = logging.getLogger("IrisSegmentLib")
 
 BANK_FILE = "memory_bank.safetensors"
 SLAB_VALUES = 1 << 20  # probabilities resampled to the target grid at a time (4 MiB of float32)
+STRATEGIES = ("coarse-to-fine", "full")
 Progress = Callable[[float, str], None]
 Cancel = Callable[[], bool]
 
@@ -52,6 +54,23 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device(device)
     except RuntimeError:
         raise IrisInputError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU advertises native bfloat16 arithmetic (AVX512-BF16 or AMX, Linux /proc/cpuinfo);
+    elsewhere bf16 would be emulated and slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def cpu_autocast(precision: str) -> bool:
+    """Whether window forward passes on the CPU run under bfloat16 autocast."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise IrisInputError(f"cpu_precision must be auto, bf16 or fp32, not {precision!r}")
+    return precision == "bf16" or precision == "auto" and cpu_has_native_bf16()
 
 
 def check_volume(image: np.ndarray, what: str) -> np.ndarray:
@@ -96,6 +115,7 @@ class Segmenter:
             self.model.eval().requires_grad_(False)
         self.model_id = model_id or f"{config.model.name}-{config.model.fingerprint()}"
         self.batch_size = config.inference.batch_size
+        self.cpu_bf16 = cpu_autocast(config.inference.cpu_precision)
         self.bank = MemoryBank(config.training.bank_momentum, self.model_id)
 
     @classmethod
@@ -254,8 +274,9 @@ class Segmenter:
 
     # -- segmentation ------------------------------------------------------------------------
     def segment(self, image, affine, task: TaskEmbedding, modality: str = "auto", overlap: float | None = None,
-                progress: Progress | None = None, cancel: Cancel | None = None) -> SegmentationResult:
-        """Label map of the task's structures in `image`, on the image's own grid."""
+                progress: Progress | None = None, cancel: Cancel | None = None, strategy: str | None = None) -> SegmentationResult:
+        """Label map of the task's structures in `image`, on the image's own grid. `strategy`: "coarse-to-fine"
+        (default from the config) or "full" (see `_sliding_window`)."""
         t0 = time.perf_counter()
         if task.model_id != self.model_id:
             raise IrisInputError(f"the task embedding was made by model {task.model_id!r}, not by the loaded {self.model_id!r}; encode the reference again with this model")
@@ -268,53 +289,81 @@ class Segmenter:
         if constant:
             warnings.warn("target image is constant: nothing can be segmented; the result is empty")
             return SegmentationResult(np.zeros(shape, np.uint8), task.labels, task.names, task.colours, str(self.device), time.perf_counter() - t0, 0)
-        probs, n_windows = self._sliding_window(work, task.tokens, overlap, report, cancel)
+        probs, n_windows = self._sliding_window(work, task.tokens, overlap, report, cancel, strategy)
         del work
         label_map = self._to_label_map(probs, grid, task.labels)
         report(1.0, "done")
         return SegmentationResult(label_map, task.labels, task.names, task.colours, str(self.device), time.perf_counter() - t0, n_windows)
 
     def _sliding_window(self, work: torch.Tensor, tokens: torch.Tensor, overlap: float, report: Progress,
-                        cancel: Cancel | None) -> tuple[torch.Tensor, int]:
-        """Gaussian-blended class probabilities (K, X, Y, Z) on the working grid.
+                        cancel: Cancel | None, strategy: str | None = None) -> tuple[torch.Tensor, int]:
+        """Gaussian-blended class probabilities (K, X, Y, Z) on the working grid, and the windows run.
+
+        "full" runs every overlapping window. "coarse-to-fine" first runs the subset of those windows that
+        just covers the volume, then the other overlapping windows only where the coarse probabilities
+        reach `coarse_threshold` (plus `coarse_margin` voxels): inside that region the blend is exactly the
+        full one. Windows holding a constant image (padding, air clipped to the CT window) are not run;
+        their probability is 0.
 
         The accumulator stays float32 (K x working grid): float16 would move probabilities near the 0.5
         threshold by up to 2.4e-4 and so change results. The working grid (1.5 mm) is much smaller than
         the usual sub-millimetre target; only thick slices are upsampled (5 mm: x3.3 along them)."""
+        inf = self.config.inference
+        strategy = strategy or inf.strategy
+        if strategy not in STRATEGIES:
+            raise IrisInputError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
         win = self.config.model.window
         padded, shape = pad_to_window(work, win)
         origins = tile(padded.shape[1:], win, overlap)
-        k = tokens.shape[0]
-        acc = torch.zeros((k, *padded.shape[1:]), dtype=torch.float32)
+        acc = torch.zeros((tokens.shape[0], *padded.shape[1:]), dtype=torch.float32)
         wsum = torch.zeros(padded.shape[1:], dtype=torch.float32)
-        weight = gaussian_weights(win, self.config.inference.gaussian_sigma_scale)
-        done = 0
-        pending = list(origins)
-        while pending:
-            chunk = pending[: self.batch_size]
-            if cancel is not None and cancel():
-                raise Cancelled("segmentation cancelled")
-            try:
-                probs = self._forward(padded, chunk, tokens)
-            except torch.cuda.OutOfMemoryError:
-                self._shrink_after_oom(len(chunk))
-                continue
-            for o, p in zip(chunk, probs):
-                sl = tuple(slice(a, a + w) for a, w in zip(o, win))
-                acc[(slice(None), *sl)] += p * weight
-                wsum[sl] += weight
-            pending = pending[len(chunk):]
-            done += len(chunk)
-            report(0.05 + 0.85 * done / len(origins), f"window {done}/{len(origins)}")
-        acc /= wsum.clamp_min_(1e-12)  # in place: the accumulator becomes the probabilities
-        return acc[(slice(None), *(slice(0, n) for n in shape))], len(origins)
+        weight = gaussian_weights(win, inf.gaussian_sigma_scale)
 
-    def _forward(self, padded: torch.Tensor, origins, tokens: torch.Tensor) -> torch.Tensor:
-        win = self.config.model.window
-        x = torch.stack([padded[(slice(None), *(slice(a, a + w) for a, w in zip(o, win)))] for o in origins]).to(self.device)
-        cuda = self.device.type == "cuda"
-        half = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
-        with torch.inference_mode(), torch.autocast("cuda", dtype=half, enabled=cuda):
+        def run(batch_origins: list, lo: float, hi: float) -> int:
+            ran, done, pending = 0, 0, list(batch_origins)
+            while pending:
+                if cancel is not None and cancel():
+                    raise Cancelled("segmentation cancelled")
+                chunk = pending[: self.batch_size]
+                crops = [padded[(slice(None), *(slice(a, a + w) for a, w in zip(o, win)))] for o in chunk]
+                live = [i for i, c in enumerate(crops) if float(c.max() - c.min()) > 0]
+                try:
+                    probs = self._forward([crops[i] for i in live], tokens) if live else None
+                except torch.cuda.OutOfMemoryError:
+                    self._shrink_after_oom(len(live))
+                    continue
+                for j, i in enumerate(live):
+                    acc[(slice(None), *(slice(a, a + w) for a, w in zip(chunk[i], win)))] += probs[j] * weight
+                for o in chunk:
+                    wsum[tuple(slice(a, a + w) for a, w in zip(o, win))] += weight
+                pending = pending[len(chunk):]
+                ran += len(live)
+                done += len(chunk)
+                report(lo + (hi - lo) * done / len(batch_origins), f"window {done}/{len(batch_origins)}")
+            return ran
+
+        if strategy == "full":
+            n = run(origins, 0.05, 0.9)
+        else:
+            coarse = coarse_tile(padded.shape[1:], win, overlap)
+            n = run(coarse, 0.05, 0.35)
+            roi = (acc > inf.coarse_threshold * wsum).any(0)
+            m, first = inf.coarse_margin, set(coarse)
+            rest = [o for o in origins if o not in first
+                    and bool(roi[tuple(slice(max(a - m, 0), a + w + m) for a, w in zip(o, win))].any())]
+            del roi
+            n += run(rest, 0.35, 0.9)
+        acc /= wsum.clamp_min_(1e-12)  # in place: the accumulator becomes the probabilities
+        return acc[(slice(None), *(slice(0, s) for s in shape))], n
+
+    def _forward(self, crops: list[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+        x = torch.stack(crops).to(self.device)
+        if self.device.type == "cuda":
+            half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            autocast = torch.autocast("cuda", dtype=half)
+        else:
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cpu_bf16 and self.device.type == "cpu")
+        with torch.inference_mode(), autocast:
             logits = self.model.segment(x, tokens.to(self.device)[None])
         return torch.sigmoid(logits.float()).cpu()
 

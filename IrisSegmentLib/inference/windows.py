@@ -21,6 +21,21 @@ def tile(shape, window, overlap: float) -> list[tuple[int, int, int]]:
     return list(itertools.product(*(starts(n, w, overlap) for n, w in zip(shape, window))))
 
 
+def coarse_starts(size: int, window: int, overlap: float) -> list[int]:
+    """The fewest of `starts(size, window, overlap)` that still cover the axis: greedily, the furthest
+    start that leaves no gap after the previous window."""
+    fine = starts(size, window, overlap)
+    out = [fine[0]]
+    while out[-1] + window < size:
+        out.append(max(s for s in fine if s <= out[-1] + window))
+    return out
+
+
+def coarse_tile(shape, window, overlap: float) -> list[tuple[int, int, int]]:
+    """Window origins of the coarse pass: a subset of `tile(shape, window, overlap)` covering every voxel."""
+    return list(itertools.product(*(coarse_starts(n, w, overlap) for n, w in zip(shape, window))))
+
+
 def gaussian_weights(window, sigma_scale: float = 0.125, floor: float = 1e-3) -> torch.Tensor:
     """Separable Gaussian importance map, peak 1, sigma = window * sigma_scale, floored above 0."""
     axes = []

@@ -2,7 +2,8 @@
 
 A packed case is one .npz: `label` (uint8 indices into `values`), `values` (original label ids),
 and `image` (float16, normalised) for real pairs; label-only collections have no image and are
-rendered synthetically at training time. Cases are cropped around their labels.
+rendered synthetically at training time. Cases are cropped around their labels. `load` also reads
+the smaller travel cache made from a packed cache by `travel.py`.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from ..config import InferenceConfig
 from ..inference.geometry import WorkingGrid
 from ..inference.intensity import normalise
 from ..io import read_image
+from . import travel
 
 MARGIN_MM = 48.0
 
@@ -117,6 +119,7 @@ def pack(root: str | Path, out: str | Path, spacing=(1.5, 1.5, 1.5), intensity: 
 
 
 def load(packed: str | Path, split: str) -> list[Case]:
+    """The cases of one split of a packed or travel cache."""
     packed = Path(packed)
     meta = json.loads((packed / "index.json").read_text())
     cases = []
@@ -124,5 +127,9 @@ def load(packed: str | Path, split: str) -> list[Case]:
         if e["split"] != split:
             continue
         z = np.load(packed / e["file"])
-        cases.append(Case(e["dataset"], e["id"], e["group"], z["label"], z["values"], z["image"] if "image" in z else None))
+        if travel.is_travel(z.files):
+            label, values, image = travel.decode(z)
+        else:
+            label, values, image = z["label"], z["values"], z["image"] if "image" in z.files else None
+        cases.append(Case(e["dataset"], e["id"], e["group"], label, values, image))
     return cases

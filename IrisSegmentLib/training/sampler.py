@@ -1,7 +1,7 @@
 """Episodic sampler: a reference and a query from two different subjects showing the same classes."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -62,7 +62,8 @@ class EpisodeSampler:
             self._coords[key] = pts
         return self._coords[key]
 
-    def _present(self, case: Case) -> set[int]:
+    def present(self, case: Case) -> set[int]:
+        """Label values present in the case (0 included)."""
         key = (id(case), -1)
         if key not in self._coords:
             self._coords[key] = case.values[np.nonzero(np.bincount(case.label.ravel(), minlength=len(case.values)))[0]]
@@ -86,6 +87,20 @@ class EpisodeSampler:
         classes = list(range(1, n + 1))
         return imgs, labs, classes, [f"shape{i}" for i in classes]
 
+    def _image(self, case: Case, lab: torch.Tensor, centre, table) -> torch.Tensor:
+        """The image crop under label crop `lab`: the case's own, or rendered with `table` (means, stds)."""
+        if case.image is None:
+            return synth.render(torch.from_numpy(case.values[lab.numpy()]), *table, self.g)
+        return torch.from_numpy(crop(case.image, centre, lab.shape, case.image.min()).astype(np.float32))
+
+    def reference(self, case: Case, value: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """An unaugmented (1, D, H, W) crop centred on a voxel of label `value`, and that class's mask."""
+        index = int(np.searchsorted(case.values, value))
+        centre = self._centre(case, index, self.cfg.crop[0] // 8)
+        lab = torch.from_numpy(crop(case.label, centre, tuple(self.cfg.crop), 0))
+        table = synth.random_modality(int(case.values.max()) + 1, self.g) if case.image is None else None
+        return self._image(case, lab, centre, table)[None], (lab == index).float()[None]
+
     def sample(self) -> Episode:
         while True:
             ep = self._try()
@@ -100,7 +115,7 @@ class EpisodeSampler:
             imgs, labs, classes, names = self._shapes_episode(size)
         else:
             ref, qry = self._pair(dataset)
-            common = sorted((self._present(ref) & self._present(qry)) - {0})
+            common = sorted((self.present(ref) & self.present(qry)) - {0})
             if not common:
                 return None
             k = int(self.rng.integers(1, min(k_max, len(common)) + 1))
@@ -115,15 +130,9 @@ class EpisodeSampler:
                 qc = self._centre(qry, q_index[anchor], size[0] // 4)
             lab_r = torch.from_numpy(crop(ref.label, rc, size, 0))
             lab_q = torch.from_numpy(crop(qry.label, qc, size, 0))
-            if ref.image is None:
-                n = int(max(ref.values.max(), qry.values.max())) + 1
-                means, stds = synth.random_modality(n, self.g)
-                img_r = synth.render(torch.from_numpy(ref.values[lab_r.numpy()]), means, stds, self.g)
-                img_q = synth.render(torch.from_numpy(qry.values[lab_q.numpy()]), means, stds, self.g)
-            else:
-                img_r = torch.from_numpy(crop(ref.image, rc, size, ref.image.min()).astype(np.float32))
-                img_q = torch.from_numpy(crop(qry.image, qc, size, qry.image.min()).astype(np.float32))
-            imgs, labs = [img_r, img_q], [lab_r, lab_q]
+            table = synth.random_modality(int(max(ref.values.max(), qry.values.max())) + 1, self.g) if ref.image is None else None
+            imgs = [self._image(ref, lab_r, rc, table), self._image(qry, lab_q, qc, table)]
+            labs = [lab_r, lab_q]
             names = [f"{dataset}:{v}" for v in values]
             classes = chosen
             labs[1] = _remap(lab_q, q_index)
@@ -159,3 +168,14 @@ def collate(episodes: list[Episode]) -> dict:
         "valid": torch.stack([e.valid for e in episodes]),
         "names": [e.names for e in episodes],
     }
+
+
+def episodes(sampler: EpisodeSampler, n: int, batch_size: int) -> list[dict]:
+    """n episodes from `sampler`, collated in batches of at most batch_size."""
+    eps = [sampler.sample() for _ in range(n)]
+    return [collate(eps[i : i + batch_size]) for i in range(0, n, batch_size)]
+
+
+def real_only(cfg: TrainingConfig) -> TrainingConfig:
+    """The recipe without procedural shapes: episodes from the collections only."""
+    return replace(cfg, dataset_weights={**cfg.dataset_weights, "shapes": 0.0})

@@ -1,8 +1,9 @@
-"""Episodic training with a time budget: resumable, deterministic given a seed, logs loss and validation Dice."""
+"""Episodic training with a time budget: resumable or started from a model folder, deterministic
+given a seed and the number of workers; logs loss, speed and validation Dice, and exports the
+model folder (fp16 EMA weights, config, memory bank) every few minutes and at the end."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import time
@@ -14,15 +15,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import BundleConfig
+from ..errors import IrisInputError
 from ..inference.segmenter import BANK_FILE
-from ..inference.task import MemoryBank
 from ..model import IrisModel
-from ..weights import save_model
+from ..weights import load_model, save_model
+from .bank import bank_batches, fill_bank
 from .data import load
 from .losses import dice_bce, dice_score
-from .sampler import EpisodeSampler, collate
+from .sampler import EpisodeSampler, episodes, real_only
+from .stream import episode_batches
 
 CHECKPOINT = "checkpoint.safetensors"
+MODEL = "model"
 
 
 def lr_at(step: int, cfg) -> float:
@@ -32,7 +36,8 @@ def lr_at(step: int, cfg) -> float:
     return cfg.lr * cfg.decay_per_1k ** ((step - cfg.warmup_steps) / 1000)
 
 
-def save_checkpoint(path: Path, model, ema, opt, bank: MemoryBank, step: int, cfg: BundleConfig) -> None:
+def save_checkpoint(path: Path, model, ema, opt, step: int, cfg: BundleConfig) -> None:
+    """Everything resuming needs: model, EMA, AdamW state, step (~16 bytes per parameter)."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
     opt_state = opt.state_dict()
@@ -43,15 +48,14 @@ def save_checkpoint(path: Path, model, ema, opt, bank: MemoryBank, step: int, cf
                 tensors[f"opt.{pid}.{name}"] = val
             else:
                 scalars[f"{pid}.{name}"] = float(val)
-    tensors |= {f"bank.{k}": v for k, v in bank.embeddings.items()}
-    meta = {"step": str(step), "config": json.dumps(cfg.to_dict()), "opt_scalars": json.dumps(scalars),
-            "bank_counts": json.dumps(bank.counts)}
+    meta = {"step": str(step), "config": json.dumps(cfg.to_dict()), "opt_scalars": json.dumps(scalars)}
     tmp = path.with_suffix(".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     tmp.replace(path)
 
 
-def load_checkpoint(path: Path, model, ema, opt, bank: MemoryBank) -> int:
+def load_checkpoint(path: Path, model, ema, opt) -> int:
+    """Restores a checkpoint (a memory bank that older ones hold is ignored); returns its step."""
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         t = {k: f.get_tensor(k) for k in f.keys()}
@@ -67,9 +71,32 @@ def load_checkpoint(path: Path, model, ema, opt, bank: MemoryBank) -> int:
         pid, name = key.split(".", 1)
         state["state"].setdefault(int(pid), {})[name] = torch.tensor(val)
     opt.load_state_dict(state)
-    bank.embeddings = {k[5:]: v for k, v in t.items() if k.startswith("bank.")}
-    bank.counts = json.loads(meta.get("bank_counts", "{}"))
     return int(meta["step"])
+
+
+def init_weights(model_dir, cfg: BundleConfig) -> dict[str, torch.Tensor]:
+    """The weights of a model folder, refused unless it has the architecture of `cfg`."""
+    model, folder_cfg, _ = load_model(model_dir)
+    if folder_cfg.model.fingerprint() != cfg.model.fingerprint():
+        raise IrisInputError(f"{model_dir}: its architecture (fingerprint {folder_cfg.model.fingerprint()}) is not the "
+                             f"config's ({cfg.model.fingerprint()}); leave out --config to train with the folder's own")
+    return model.state_dict()
+
+
+def train_step(model, opt, b: dict, lr: float, grad_clip: float, device) -> torch.Tensor:
+    """One AdamW step on a batch (bf16 autocast on CUDA); returns the loss, detached, unsynchronised."""
+    model.train()
+    for g in opt.param_groups:
+        g["lr"] = lr
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):
+        tokens = model.encode_task(b["ref_image"].to(device, non_blocking=True), b["ref_masks"].to(device, non_blocking=True))
+        logits = model.segment(b["query_image"].to(device, non_blocking=True), tokens, b["valid"].to(device))
+    loss = dice_bce(logits, b["query_masks"].to(device, non_blocking=True), b["valid"].to(device))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return loss.detach()
 
 
 @torch.no_grad()
@@ -89,73 +116,98 @@ def validate(model, batches: list[dict], device) -> dict[str, float]:
 
 def train(cfg: BundleConfig, packed: str | Path, out: str | Path, minutes: float, resume: str | Path | None = None,
           device: str = "cpu", val_episodes: int = 24, log_every: int = 10, checkpoint_minutes: float = 2.0,
-          log=print) -> Path:
+          log=print, init: str | Path | None = None, workers: int = 0, resume_dir: str | Path | None = None,
+          bank_crops: int = 4) -> Path:
+    """Trains until `minutes` after the call (setup included), then validates and exports; writes
+    out/log.jsonl, out/model (every `checkpoint_minutes` and at the end) and the resume checkpoint
+    into `resume_dir` (default `out`). `init` starts from a model folder's weights (EMA too) with a
+    fresh optimiser; `resume` continues a checkpoint."""
+    called = time.time()
+    if resume and init:
+        raise IrisInputError("give --resume (continue a run) or --init (start from a model folder), not both")
     out = Path(out)
+    resume_dir = Path(resume_dir or out)
     out.mkdir(parents=True, exist_ok=True)
+    resume_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.training
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(tc.seed)
-    model = IrisModel(cfg.model).to(device)
+    model = IrisModel(cfg.model)
+    if init:
+        model.load_state_dict(init_weights(init, cfg))
+        log(f"initialised from {init}")
+    model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    bank = MemoryBank(tc.bank_momentum, f"{cfg.model.name}-{cfg.model.fingerprint()}")
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=True if cuda else None)
     step = 0
     if resume:
-        step = load_checkpoint(Path(resume), model, ema, opt, bank)
+        step = load_checkpoint(Path(resume), model, ema, opt)
         log(f"resumed from {resume} at step {step}")
-    sampler = EpisodeSampler(load(packed, "train"), tc, seed=tc.seed + step)
-    real_only = dataclasses.replace(tc, dataset_weights={**tc.dataset_weights, "shapes": 0.0})
-    vs = EpisodeSampler(load(packed, "val"), real_only, seed=12345, augment_images=False)
-    val_batches = [collate([vs.sample() for _ in range(tc.batch_size)]) for _ in range(max(1, val_episodes // tc.batch_size))]
-    cuda = str(device).startswith("cuda")
-    start = last_ckpt = time.time()
-    budget = minutes * 60
-    losses = []
-    logf = open(out / "log.jsonl", "a")
-    while time.time() - start < budget:
-        model.train()
-        b = collate([sampler.sample() for _ in range(tc.batch_size)])
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, tc)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            tokens = model.encode_task(b["ref_image"].to(device), b["ref_masks"].to(device))
-            logits = model.segment(b["query_image"].to(device), tokens, b["valid"].to(device))
-        loss = dice_bce(logits, b["query_masks"].to(device), b["valid"].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
-        step += 1
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - tc.ema_decay)
-            for be, bm in zip(ema.buffers(), model.buffers()):
-                be.copy_(bm)
-            for i, names in enumerate(b["names"]):
-                for j, n in enumerate(names):
-                    if n and b["valid"][i, j]:
-                        bank.update(n, tokens[i, j].float())
-        losses.append(loss.item())
-        if step % log_every == 0:
-            rec = {"step": step, "loss": float(np.mean(losses[-log_every:])), "lr": lr_at(step, tc), "minutes": (time.time() - start) / 60}
+    cases = load(packed, "train")
+    bank_set = bank_batches(cases, tc, bank_crops)
+    val_cases = load(packed, "val")  # a travel cache may have none: then there is no validation
+    val_batches = []
+    if val_cases:
+        val_batches = episodes(EpisodeSampler(val_cases, real_only(tc), seed=12345, augment_images=False), val_episodes, tc.batch_size)
+    batches = episode_batches(cases, tc, tc.seed + step, workers, pin_memory=cuda)
+    ema_p, model_p = list(ema.parameters()), list(model.parameters())
+    start = last_save = time.time()
+    first_step, waited, speed_logged, losses = step, 0.0, False, []
+    with open(out / "log.jsonl", "a") as logf:
+        def record(rec: dict) -> None:
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
             log(json.dumps(rec))
-        if time.time() - last_ckpt > checkpoint_minutes * 60:
-            save_checkpoint(out / CHECKPOINT, model, ema, opt, bank, step, cfg)
-            last_ckpt = time.time()
-    save_checkpoint(out / CHECKPOINT, model, ema, opt, bank, step, cfg)
-    val = validate(ema, val_batches, device)
-    rec = {"step": step, "val_dice": val, "val_mean": float(np.mean(list(val.values()))) if val else math.nan}
-    logf.write(json.dumps(rec) + "\n")
-    logf.close()
-    log(json.dumps(rec))
-    export(ema, cfg, bank, out / "model", {"steps": step, "val_dice": val})
+
+        record({"step": step, "setup_s": start - called, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+                "train_cases": len(cases), "val_cases": len(val_cases), "batch_size": tc.batch_size, "workers": workers})
+        while (step == first_step and minutes > 0) or time.time() - called < minutes * 60:  # >= 1 step unless 0 minutes
+            t0 = time.time()
+            b = next(batches)
+            waited += time.time() - t0
+            losses.append(train_step(model, opt, b, lr_at(step, tc), tc.grad_clip, device))
+            step += 1
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_p, model_p, 1 - tc.ema_decay)
+                for be, bm in zip(ema.buffers(), model.buffers()):
+                    be.copy_(bm)
+            if step % log_every == 0:
+                record({"step": step, "loss": float(torch.stack(losses).mean()), "lr": lr_at(step, tc), "minutes": (time.time() - start) / 60})
+                losses.clear()
+            elapsed = time.time() - start
+            if not speed_logged and elapsed >= 60:
+                n = step - first_step
+                record({"step": step, "steps_per_s": n / elapsed, "episodes_per_s": n * tc.batch_size / elapsed,
+                        "data_wait_fraction": waited / elapsed})
+                speed_logged = True
+            if time.time() - last_save > checkpoint_minutes * 60:
+                save_checkpoint(resume_dir / CHECKPOINT, model, ema, opt, step, cfg)
+                export(ema, cfg, out / MODEL, {"steps": step}, bank_set, device)
+                last_save = time.time()
+        batches.close()
+        save_checkpoint(resume_dir / CHECKPOINT, model, ema, opt, step, cfg)
+        val = validate(ema, val_batches, device)
+        final = {"step": step, "val_dice": val, "val_mean": float(np.mean(list(val.values()))) if val else math.nan}
+        record(final)
+    export(ema, cfg, out / MODEL, {"steps": step, "val_dice": val}, bank_set, device)
     return out
 
 
-def export(model, cfg: BundleConfig, bank: MemoryBank, directory: Path, info: dict) -> Path:
-    """Writes a loadable model folder: fp16 weights, config and the memory bank."""
-    save_model(model, cfg, directory, info=info)
+def export(model, cfg: BundleConfig, directory: Path, info: dict, bank_set: list[dict], device="cpu") -> Path:
+    """Writes a loadable model folder: fp16 weights, config, and the memory bank that the fp16
+    weights give on `bank_set`. Made beside `directory`, then moved in file by file."""
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    save_model(model, cfg, tmp, info=info)
+    exported = load_model(tmp)[0].to(device)
+    bank = fill_bank(exported, bank_set, cfg.training.bank_momentum, f"{cfg.model.name}-{cfg.model.fingerprint()}", device)
     if bank.embeddings:
-        bank.save(directory / BANK_FILE)
+        bank.save(tmp / BANK_FILE)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / BANK_FILE).unlink(missing_ok=True)
+    for f in tmp.iterdir():
+        f.replace(directory / f.name)
+    tmp.rmdir()
     return directory
