@@ -74,7 +74,7 @@ def cmd_segment(a) -> int:
         task = seg.encode_references(refs, _labels(a.labels), modality=a.modality)
     bar = _Bar("segment")
     try:
-        result = seg.segment(target, t_aff, task, modality=a.modality, overlap=a.overlap, progress=bar)
+        result = seg.segment(target, t_aff, task, modality=a.modality, overlap=a.overlap, progress=bar, strategy=a.strategy)
     finally:
         bar.close()
     io.write_label_map(out, result.label_map, t_aff, t_hdr, overwrite=a.overwrite)
@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None, help="bundled model name or model folder (default: iris-small)")
     s.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     s.add_argument("--overlap", type=float, default=None, help="sliding-window overlap in [0, 1) (default 0.5)")
+    s.add_argument("--strategy", choices=("coarse-to-fine", "full"), default=None,
+                   help="coarse-to-fine (default): overlapping windows only around what a first covering pass found; "
+                        "full: every overlapping window")
     s.add_argument("--modality", default="auto", choices=["auto", "ct", "mr"], help="intensity normalisation")
     s.add_argument("--overwrite", action="store_true", help="replace existing output files")
     s.set_defaults(fn=cmd_segment)

@@ -433,3 +433,23 @@ def test_save_task_replaced_only_with_overwrite(files, tiny_model_dir, tmp_path)
     assert main(_seg_args(files, tiny_model_dir, tmp_path / "a.nii.gz", "--save-task", str(task), "--overwrite")) == 0
     assert TaskEmbedding.load(task).labels == [3, 7]
     assert not list(tmp_path.glob(".iris-*"))
+
+
+def test_strategy_option_reaches_the_engine(files, tiny_model_dir, tmp_path, monkeypatch):
+    from IrisSegmentLib.inference.segmenter import Segmenter
+
+    seen = []
+    original = Segmenter.segment
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("strategy"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Segmenter, "segment", spy)
+    outs = {}
+    for strategy in ("full", "coarse-to-fine"):
+        outs[strategy] = tmp_path / f"{strategy}.nii.gz"
+        assert main(_seg_args(files, tiny_model_dir, outs[strategy], "--strategy", strategy)) == 0
+    assert seen == ["full", "coarse-to-fine"]
+    with pytest.raises(SystemExit):
+        main(_seg_args(files, tiny_model_dir, tmp_path / "x.nii.gz", "--strategy", "fast"))
