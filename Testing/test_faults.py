@@ -8,17 +8,21 @@ the OracleModel computes, and raise torch.cuda.OutOfMemoryError where a full GPU
 from __future__ import annotations
 
 import dataclasses
+import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import OracleModel, dice, ellipsoid_mask, make_affine, make_tiny_model, rot_x, rot_z, voxel_world
+from conftest import REPO_ROOT, OracleModel, dice, ellipsoid_mask, make_affine, make_tiny_model, rot_x, rot_z, voxel_world
 from IrisSegmentLib.errors import Cancelled
 from IrisSegmentLib.inference import segmenter as segmenter_module
 from IrisSegmentLib.inference.geometry import WorkingGrid
 from IrisSegmentLib.inference.segmenter import Segmenter
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+from memory import full_volume_label_map  # noqa: E402  (the previous full-volume path, the benchmark's baseline)
 
 LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -168,25 +172,6 @@ def test_working_image_is_the_same_for_any_axis_order_of_the_file(tiny_cfg):
 
 
 # -- the result is streamed onto the target grid ---------------------------------------------------
-def full_volume_label_map(self, probs, grid, labels):
-    """The previous implementation, kept here as the reference: every class's probabilities resampled to the
-    whole target grid at once (float32), arg-max there."""
-    best = None
-    arg = None
-    for k in range(probs.shape[0]):
-        p = grid.from_working(probs[k : k + 1])[0]
-        if best is None:
-            best, arg = p, torch.zeros(p.shape, dtype=torch.int64)
-        else:
-            better = p > best
-            best = torch.where(better, p, best)
-            arg[better] = k
-    values = torch.tensor([0, *labels])
-    out = torch.where(best >= self.config.inference.threshold, values[arg + 1], 0)
-    dtype = np.uint8 if max(labels) < 256 else np.uint16 if max(labels) < 65536 else np.int32
-    return out.numpy().astype(dtype)
-
-
 @pytest.mark.parametrize("slab_values", [1, 3000, 1 << 22])
 def test_streamed_label_map_equals_the_full_volume_one(tiny_cfg, monkeypatch, slab_values):
     """Oblique, LPS, 5 mm slices, three classes, the seeded (untrained) tiny network: the slab-by-slab label map

@@ -325,7 +325,8 @@ class Segmenter:
                 if cancel is not None and cancel():
                     raise Cancelled("segmentation cancelled")
                 chunk = pending[: self.batch_size]
-                crops = [padded[(slice(None), *(slice(a, a + w) for a, w in zip(o, win)))] for o in chunk]
+                places = [tuple(slice(a, a + w) for a, w in zip(o, win)) for o in chunk]
+                crops = [padded[(slice(None), *sl)] for sl in places]
                 live = [i for i, c in enumerate(crops) if float(c.max() - c.min()) > 0]
                 try:
                     probs = self._forward([crops[i] for i in live], tokens) if live else None
@@ -333,9 +334,9 @@ class Segmenter:
                     self._shrink_after_oom(len(live))
                     continue
                 for j, i in enumerate(live):
-                    acc[(slice(None), *(slice(a, a + w) for a, w in zip(chunk[i], win)))] += probs[j] * weight
-                for o in chunk:
-                    wsum[tuple(slice(a, a + w) for a, w in zip(o, win))] += weight
+                    acc[(slice(None), *places[i])] += probs[j] * weight
+                for sl in places:
+                    wsum[sl] += weight
                 pending = pending[len(chunk):]
                 ran += len(live)
                 done += len(chunk)
