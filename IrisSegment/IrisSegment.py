@@ -486,12 +486,19 @@ class IrisSegmentLogic(ScriptedLoadableModuleLogic):
         return self.write(pending, outputSegmentation, show3D=show3D)
 
     def statusText(self, ids: list[str]) -> str:
+        """What was added, how fast, and each segment's estimated Dice (flagged where low)."""
+        from IrisSegmentLib import mrml
+
         run = self.engine.last
         output = self.lastOutputSegmentation
         segmentation = output.GetSegmentation()
         names = ", ".join(segmentation.GetSegment(s).GetName() for s in ids)
         extra = "".join(f"; {x}" for x in (run.memory, "reused the reference embedding" if run.reused_task else "") if x)
-        return f"Added {names} to '{output.GetName()}' in {run.seconds:.1f} s on {run.device}{extra}."
+        lines = [f"Added {names} to '{output.GetName()}' in {run.seconds:.1f} s on {run.device}{extra}."]
+        for name, est, low in mrml.segment_confidence(output, ids):
+            if est is not None:
+                lines.append(f"{name}: estimated Dice {est:.2f}" + ("  LOW: check this segment before using it" if low else ""))
+        return "\n".join(lines)
 
     # -- saved tasks -----------------------------------------------------------------------------
     @property

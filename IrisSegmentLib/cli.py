@@ -1,8 +1,9 @@
-"""Command line: iris-segment segment | demo | info | pack | train."""
+"""Command line: iris-segment segment | batch | demo | info | pack | train."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import warnings
@@ -41,37 +42,17 @@ class _Bar:
 def cmd_segment(a) -> int:
     from . import io
     from .inference.segmenter import Segmenter, check_volume
-    from .inference.task import TaskEmbedding
 
     # Outputs are checked before any work, and written only at the end (nothing when cancelled).
     out = io.check_output(a.output, a.overwrite)
+    report_path = io.check_output(confidence_path(out), a.overwrite, (".json",))
     if a.save_task:
         io.check_output(a.save_task, a.overwrite, (".safetensors",))
-    refs_i, refs_l = a.reference_image or [], a.reference_label or []
-    if a.task and refs_i:
-        raise IrisInputError("give either --task or --reference-image/--reference-label, not both")
-    if not a.task and not refs_i:
-        raise IrisInputError("give a reference (--reference-image R --reference-label RL) or a saved --task FILE")
-    if len(refs_i) != len(refs_l):
-        raise IrisInputError(f"{len(refs_i)} --reference-image but {len(refs_l)} --reference-label; give them in pairs")
+    refs_i, refs_l = _reference_args(a)
     seg = Segmenter.load(a.model, a.device)
     target, t_aff, t_hdr = io.read_image(a.target)
     check_volume(target, "target image")  # before the reference is encoded
-    if a.task:
-        task = TaskEmbedding.load(a.task)
-        if a.labels:
-            missing = [v for v in _labels(a.labels) if v not in task.labels]
-            if missing:
-                raise IrisInputError(f"label(s) {missing} not in the task (it has {task.labels}): pick from those")
-            task = task.select(_labels(a.labels))
-    else:
-        refs = []
-        for ip, lp in zip(refs_i, refs_l):
-            img, aff, _ = io.read_image(ip)
-            lab, laff, _ = io.read_image(lp)
-            io.check_label_on_image(img, aff, lab, laff, str(ip), str(lp))
-            refs.append((img, aff, lab))
-        task = seg.encode_references(refs, _labels(a.labels), modality=a.modality)
+    task = _task(a, seg, refs_i, refs_l, io.read_image)
     bar = _Bar("segment")
     try:
         result = seg.segment(target, t_aff, task, modality=a.modality, overlap=a.overlap, progress=bar, strategy=a.strategy)
@@ -82,9 +63,135 @@ def cmd_segment(a) -> int:
         task.save(a.save_task)
         print(f"saved the task embedding to {a.save_task}")
     vox = float(abs(np.linalg.det(t_aff[:3, :3])))
-    print(f"wrote {out} ({result.seconds:.1f} s on {result.device}, {result.windows} windows)")
+    report = confidence_report(result, vox, seg)
+    write_json(report_path, report)
+    print(f"wrote {out} ({result.seconds:.1f} s on {result.device}, {result.windows} windows) and {report_path.name}")
+    for r in report["segments"]:
+        est = "" if r["estimated_dice"] is None else f"  estimated Dice {r['estimated_dice']:.2f}"
+        flag = "  LOW: check this segment" if r["flagged"] else ""
+        print(f"  {r['label']:>4} {r['name']:<24} {r['volume_ml']:9.2f} ml{est}{flag}")
+    if report["estimated_dice"] is False:
+        print("  (no estimated Dice: this model folder has no confidence calibration fitted on its weights)")
+    return 0
+
+
+def confidence_path(output: Path) -> Path:
+    """The confidence JSON beside a label map: seg.nii.gz -> seg.confidence.json."""
+    name = output.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return output.with_name(name + ".confidence.json")
+
+
+def confidence_report(result, voxel_mm3: float, seg) -> dict:
+    """Per segment: volume, estimated Dice (None without a calibration), whether it is flagged, the features."""
+    cal = seg.calibration
+    segments = []
     for v, n in zip(result.labels, result.names):
-        print(f"  {v:>4} {n:<24} {np.count_nonzero(result.label_map == v) * vox / 1000:9.2f} ml")
+        est = result.confidence.get(v)
+        segments.append({"label": v, "name": n, "volume_ml": round(np.count_nonzero(result.label_map == v) * voxel_mm3 / 1000, 3),
+                         "estimated_dice": est, "flagged": bool(est is not None and est < cal.flag_below),
+                         "features": result.confidence_features.get(v, {})})
+    return {"model_id": seg.model_id, "estimated_dice": cal is not None, "flag_below": cal.flag_below if cal else None,
+            "segments": segments}
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomically: a temporary file beside it, then a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _reference_args(a) -> tuple[list[str], list[str]]:
+    """The --reference-image/--reference-label pairs, or [] with --task; the same messages for segment and batch."""
+    refs_i, refs_l = a.reference_image or [], a.reference_label or []
+    if a.task and refs_i:
+        raise IrisInputError("give either --task or --reference-image/--reference-label, not both")
+    if not a.task and not refs_i:
+        raise IrisInputError("give a reference (--reference-image R --reference-label RL) or a saved --task FILE")
+    if len(refs_i) != len(refs_l):
+        raise IrisInputError(f"{len(refs_i)} --reference-image but {len(refs_l)} --reference-label; give them in pairs")
+    return refs_i, refs_l
+
+
+def _task(a, seg, refs_i: list[str], refs_l: list[str], read_image):
+    """The task embedding: the saved --task (with --labels selected from it), or the references encoded by `seg`."""
+    from .inference.task import TaskEmbedding
+    from .io import check_label_on_image
+
+    if a.task:
+        task = TaskEmbedding.load(a.task)
+        if a.labels:
+            missing = [v for v in _labels(a.labels) if v not in task.labels]
+            if missing:
+                raise IrisInputError(f"label(s) {missing} not in the task (it has {task.labels}): pick from those")
+            task = task.select(_labels(a.labels))
+        return task
+    refs = []
+    for ip, lp in zip(refs_i, refs_l):
+        img, aff, _ = read_image(ip)
+        lab, laff, _ = read_image(lp)
+        check_label_on_image(img, aff, lab, laff, str(ip), str(lp))
+        refs.append((img, aff, lab))
+    return seg.encode_references(refs, _labels(a.labels), modality=a.modality)
+
+
+def cmd_batch(a) -> int:
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        raise IrisInputError('iris-segment batch needs Dask distributed: pip install "IrisSegmentLib[cohort]"') from None
+    from .cohort import formats
+    from .cohort.run import run_batch
+    from .cohort.settings import Options, task_key
+    from .cohort.targets import find_targets
+    from .inference.segmenter import Segmenter, resolve_device
+    from .resources import model_dir
+    from .weights import CONFIG, WEIGHTS
+
+    refs_i, refs_l = _reference_args(a)
+    out = Path(a.output_dir)
+    if out.exists() and not out.is_dir():
+        raise IrisInputError(f"{out}: --output-dir is a file; give a folder (it is created if missing)")
+    if a.workers is not None and a.workers < 1:
+        raise IrisInputError(f"--workers must be at least 1, not {a.workers}")
+    if a.scheduler and a.workers is not None:
+        warnings.warn("--workers is ignored with --scheduler: the cluster's own workers are used")
+    studies = find_targets(a.targets, a.pattern, exclude=out)
+    # The task is encoded once, here; on a client without the GPU the workers use, on its CPU.
+    device = a.device
+    if a.scheduler:
+        try:
+            resolve_device(device)
+        except IrisInputError:
+            device = "cpu"
+    seg = Segmenter.load(a.model, device)
+    overlap = seg.config.inference.overlap if a.overlap is None else a.overlap
+    if not 0 <= overlap < 1:
+        raise IrisInputError(f"overlap must be in [0, 1), not {overlap}")
+    task = _task(a, seg, refs_i, refs_l, formats.read_image)
+    if task.model_id != seg.model_id:
+        raise IrisInputError(f"the task embedding was made by model {task.model_id!r}, not by the loaded {seg.model_id!r}; "
+                             "encode the reference again with this model")
+    folder = model_dir(a.model).resolve()
+    options = Options(str(folder), a.device, overlap, a.strategy or seg.config.inference.strategy, a.modality)
+    del seg
+    key = task_key(options, [a.task] if a.task else [*refs_i, *refs_l], _labels(a.labels), [folder / WEIGHTS, folder / CONFIG])
+    out.mkdir(parents=True, exist_ok=True)
+    s = run_batch(studies, out, task, options, key, source=str(a.targets), scheduler=a.scheduler, workers=a.workers,
+                  overwrite=a.overwrite)
+    rate = f", {s.ran / s.seconds * 60:.1f} studies/min" if s.ran and s.seconds else ""
+    print(f"{s.ok} segmented, {s.failed} failed, {s.kept} kept, {s.already_done} already done "
+          f"({s.seconds:.1f} s{rate}): {s.results}")
+    if s.interrupted:
+        print(f"interrupted: finished studies are kept in {s.results}; run the same command again to resume", file=sys.stderr)
+        return 130
+    if s.failed:
+        print(f"{s.failed} failed: the reasons are in {s.results}; fix them and run the same command again "
+              "(finished studies are not redone)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -179,6 +286,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--modality", default="auto", choices=["auto", "ct", "mr"], help="intensity normalisation")
     s.add_argument("--overwrite", action="store_true", help="replace existing output files")
     s.set_defaults(fn=cmd_segment)
+
+    b = sub.add_parser("batch", help="segment a cohort (a folder or CSV of targets) on a local or Dask cluster, resumable")
+    b.add_argument("--reference-image", action="append", help="reference image; repeat for a context ensemble")
+    b.add_argument("--reference-label", action="append", help="label map drawn on the reference image; one per --reference-image")
+    b.add_argument("--task", help="saved task embedding (.safetensors) used instead of references")
+    b.add_argument("--labels", help="comma-separated label values to segment (default: all in the reference)")
+    b.add_argument("--targets", required=True, help="folder searched recursively for images, or a CSV with a path column (and optionally id)")
+    b.add_argument("--pattern", action="append", help="glob of target names in the folder; repeatable (default: *.nii.gz and *.nii); "
+                                                         "a matching folder is read as a DICOM series")
+    b.add_argument("--output-dir", required=True, help="label maps OUT/<study id>.nii.gz and OUT/results.csv (created if missing)")
+    b.add_argument("--workers", type=int, default=None, help="local worker processes (default: one per GPU, or cores/4 on the CPU)")
+    b.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (tcp://host:8786) instead of a local cluster")
+    b.add_argument("--model", default=None, help="bundled model name or model folder (default: iris-small); workers load it from the same path")
+    b.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda, for every worker")
+    b.add_argument("--overlap", type=float, default=None, help="sliding-window overlap in [0, 1) (default 0.5)")
+    b.add_argument("--strategy", choices=("coarse-to-fine", "full"), default=None, help="as for segment (default coarse-to-fine)")
+    b.add_argument("--modality", default="auto", choices=["auto", "ct", "mr"], help="intensity normalisation")
+    b.add_argument("--overwrite", action="store_true", help="redo every study and replace existing outputs")
+    b.set_defaults(fn=cmd_batch)
 
     d = sub.add_parser("demo", help="segment the bundled sample data and report the Dice")
     d.add_argument("--output-dir", required=True)

@@ -9,6 +9,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 
+# ModelConfig ablation switches: the allowed values, the design's first (issue 11).
+ABLATION_CHOICES: dict[str, tuple[str, ...]] = {
+    "task_attention": ("self-cross-self", "joint"),
+    "foreground_pooling": ("adjoint", "upsample-then-pool", "downsample", "none"),
+    "context_tokens": ("pixel-shuffle", "pool"),
+    "decoder_attention": ("two-way", "one-way"),
+    "class_interaction": ("joint", "independent"),
+}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of one IRIS network; every size the network has comes from here."""
@@ -27,6 +37,13 @@ class ModelConfig:
     head_channels: int = 32  # width of the final per-voxel embedding
     window: tuple[int, int, int] = (64, 64, 64)
     spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)  # working spacing, mm
+    # Ablation switches (issue 11, benchmarks/ablations.py); the first choice is the design, and a
+    # switch at its default is left out of the fingerprint, so existing weights keep theirs.
+    task_attention: str = "self-cross-self"  # or "joint": seed-style self-attention over [tokens; features]
+    foreground_pooling: str = "adjoint"  # or "upsample-then-pool" (same numbers, full-res cost), "downsample", "none"
+    context_tokens: str = "pixel-shuffle"  # or "pool": mask area-pooled to the coarse grid, 1x1x1 merge
+    decoder_attention: str = "two-way"  # or "one-way": image <- tokens only; tokens not updated by the query
+    class_interaction: str = "joint"  # or "independent": one decoder pass per class, no attention between classes
 
     @property
     def token_dim(self) -> int:
@@ -42,10 +59,16 @@ class ModelConfig:
             raise ValueError(f"window {self.window} must be divisible by {f} (2**downsamplings)")
         if self.token_dim % self.heads:
             raise ValueError(f"token width {self.token_dim} must be divisible by heads {self.heads}")
+        for name, choices in ABLATION_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, not {getattr(self, name)!r}")
 
     def fingerprint(self) -> str:
-        """Short stable hash of the architecture, stored in weights and task embeddings."""
-        arch = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("name", "window")}
+        """Short stable hash of the architecture, stored in weights and task embeddings; ablation
+        switches count only when they differ from the design (so the hash of a design network is
+        the one it had before the switches existed)."""
+        arch = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("name", "window")
+                and not (k in ABLATION_CHOICES and v == ABLATION_CHOICES[k][0])}
         return hashlib.sha1(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -83,6 +106,12 @@ class TrainingConfig:
     bank_momentum: float = 0.99  # memory-bank EMA of class embeddings
     empty_query_prob: float = 0.15  # query crops that miss the structure
     dataset_weights: dict[str, float] = field(default_factory=dict)
+    # label values per collection set to background in every training label map: structures kept
+    # unseen for the generalisation benchmark (a collection left out whole: dataset_weights 0)
+    holdout: dict[str, list[int]] = field(default_factory=dict)
+    merge_prob: float = 0.2  # an episode's class is the union of 2-3 labels ("a class is what the reference says")
+    lut_prob: float = 0.25  # one random piecewise-linear intensity curve applied to both images of an episode
+    thick_slice_prob: float = 0.15  # the query crop gets thick slices along a random axis (2-5x)
 
 
 def _yaml():

@@ -43,7 +43,9 @@ def run_demo(out_dir: Path, device: str = "auto", model: str | None = None) -> d
     ], axis=1)
     write_png(out_dir / "overlay.png", pic)
     summary = {
-        "reference": REFERENCE, "target": TARGET, "dice": scores, "seconds": round(result.seconds, 2),
+        "reference": REFERENCE, "target": TARGET, "dice": scores,
+        "estimated_dice": {NAMES[v]: result.confidence.get(v) for v in (1, 2)},  # what the model says without the truth
+        "seconds": round(result.seconds, 2),
         "device": result.device, "model": seg.model_id,
         "files": [str(out_dir / f"{TARGET}_iris.nii.gz"), str(out_dir / "overlay.png")],
         "overlay": "left: expert labels; right: IrisSegment (white outline: expert)",

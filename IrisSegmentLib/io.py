@@ -1,6 +1,8 @@
 """Files <-> (array, affine): the only module that reads or writes image files."""
 from __future__ import annotations
 
+import hashlib
+
 import itertools
 import os
 import tempfile
@@ -11,6 +13,16 @@ import numpy as np
 from .errors import IrisInputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def _file_mode() -> int:
+    """0666 less the process's umask: the permissions open() would give a new file."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _file_mode()
 
 
 def _nib():
@@ -90,8 +102,18 @@ def write_label_map(path: str | Path, labels: np.ndarray, affine: np.ndarray, he
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".iris-", suffix=suffix)
     os.close(fd)
     try:
+        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; the label map gets the usual permissions
         nib.save(img, tmp)
         os.replace(tmp, p)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -15,7 +15,7 @@ import queue
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -30,6 +30,8 @@ from .inference.task import Colour, TaskEmbedding
 
 BINARY_LABELMAP = "Binary labelmap"
 TASK_SUFFIX = ".task.safetensors"
+ESTIMATED_DICE_TAG = "IrisSegment.EstimatedDice"  # segment tags: saved with the scene and in .seg.nrrd
+LOW_CONFIDENCE_TAG = "IrisSegment.LowConfidence"
 
 # (segmentation node, segment name, colour, binary labelmap in the node's coordinates) -> new segment ID
 AddSegment = Callable[[object, str, Colour, object], str]
@@ -257,6 +259,8 @@ class Pending:
     labels: list[int]
     infos: list[SegmentInfo]
     run: RunInfo
+    confidence: dict[int, float] = field(default_factory=dict)  # estimated Dice per label (model with a calibration)
+    flag_below: float | None = None  # segments estimated below this are flagged
 
 
 class _Worker:
@@ -463,7 +467,8 @@ def compute_segments(target_volume_node, reference_volume_node=None, reference_s
         result = segmenter.segment(image, affine, embedding, overlap=overlap, progress=report, cancel=cancelled)
         label_map = keep_largest_component(result.label_map, result.labels) if keep_largest else result.label_map
         run = RunInfo(result.device, time.perf_counter() - t0, result.windows, _gpu_memory(result.device), reused)
-        return Pending(target_volume_node, affine, label_map, list(result.labels), infos, run)
+        flag = segmenter.calibration.flag_below if segmenter.calibration is not None else None
+        return Pending(target_volume_node, affine, label_map, list(result.labels), infos, run, dict(result.confidence), flag)
 
     pending = engine.run(work, progress)
     engine.last = pending.run
@@ -546,6 +551,12 @@ def write_segments(pending: Pending, output_segmentation_node, add: AddSegment |
                 added.append(sid)
                 if info.terminology:
                     segmentation.GetSegment(sid).SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), info.terminology)
+        for sid, value in zip(added, pending.labels):
+            if value in pending.confidence:
+                est = pending.confidence[value]
+                segment = segmentation.GetSegment(sid)
+                segment.SetTag(ESTIMATED_DICE_TAG, f"{est:.3f}")
+                segment.SetTag(LOW_CONFIDENCE_TAG, "true" if pending.flag_below is not None and est < pending.flag_below else "false")
     except BaseException:
         for sid in added:
             segmentation.RemoveSegment(sid)
@@ -554,6 +565,22 @@ def write_segments(pending: Pending, output_segmentation_node, add: AddSegment |
     if show_3d:
         node.CreateClosedSurfaceRepresentation()
     return added
+
+
+def segment_confidence(segmentation_node, segment_ids: Sequence[str]) -> list[tuple[str, float | None, bool]]:
+    """Per segment: name, estimated Dice (None where the segment has no estimate) and whether it is flagged
+    low, from the segment tags (they are saved with the scene and in .seg.nrrd files)."""
+    segmentation = segmentation_node.GetSegmentation()
+    out = []
+    for sid in segment_ids:
+        segment = segmentation.GetSegment(sid)
+        if segment is None:
+            continue
+        value, flag = vtk.reference(""), vtk.reference("")
+        has = segment.GetTag(ESTIMATED_DICE_TAG, value)
+        segment.GetTag(LOW_CONFIDENCE_TAG, flag)
+        out.append((segment.GetName(), float(str(value)) if has else None, str(flag) == "true"))
+    return out
 
 
 def _segment(name: str, info: SegmentInfo):

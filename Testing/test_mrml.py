@@ -25,6 +25,7 @@ from IrisSegmentLib import mrml  # noqa: E402
 from IrisSegmentLib.config import BundleConfig  # noqa: E402
 from IrisSegmentLib.errors import Cancelled, IrisInputError  # noqa: E402
 from IrisSegmentLib.inference.segmenter import Segmenter  # noqa: E402
+from IrisSegmentLib.inference.confidence import Calibration  # noqa: E402
 from IrisSegmentLib.inference.task import TaskEmbedding  # noqa: E402
 
 LIVER_TERM = "Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^"
@@ -539,3 +540,29 @@ def test_tiny_model_end_to_end(case, tiny_model_dir):
     oracle_task = TaskEmbedding(torch.zeros(1, 2, 4), [1], ["x"], model_id="another-model")
     with pytest.raises(IrisInputError, match="encode the reference again"):
         mrml.segment_volume(target, None, None, None, out, "cpu", task=oracle_task, engine=engine)
+
+
+def test_estimated_dice_in_segment_tags_survives_seg_nrrd_round_trip(case, band_oracle, tmp_path):
+    scene, ref, seg_node, target = case
+    _, engine = band_oracle
+    segmenter = engine.segmenter("cpu")
+    segmenter.calibration = Calibration(mean=[0.5, 0.1, 0.5, 0.5, 0.5], std=[0.2] * 5, weights=[1.0, -1.0, -0.5, -0.5, 0.5],
+                                        bias=0.3, flag_below=0.999)
+    pending = mrml.compute_segments(target, ref, seg_node, None, "cpu", engine=engine)
+    assert sorted(pending.confidence) == [1, 2] and pending.flag_below == 0.999
+    out = mrml.create_output_segmentation(target)
+    ids = mrml.write_segments(pending, out)
+    listed = mrml.segment_confidence(out, ids)
+    assert [(n, e) for n, e, _ in listed] == [("liver", round(pending.confidence[1], 3)), ("spleen", round(pending.confidence[2], 3))]
+    assert all(low for _, _, low in listed)  # every estimate is below 0.999
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(tmp_path / "results.seg.nrrd"))
+    assert storage.WriteData(out)
+    loaded = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "loaded")
+    reader = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    reader.SetFileName(str(tmp_path / "results.seg.nrrd"))
+    assert reader.ReadData(loaded)
+    assert mrml.segment_confidence(loaded, segment_ids(loaded)) == listed
+    segmenter.calibration = None  # no calibration: no tags, nothing listed
+    plain = mrml.write_segments(mrml.compute_segments(target, ref, seg_node, None, "cpu", engine=engine), out)
+    assert [e for _, e, _ in mrml.segment_confidence(out, plain)] == [None, None]

@@ -17,9 +17,10 @@ from IrisSegmentLib.config import TrainingConfig
 from IrisSegmentLib.errors import IrisInputError
 from IrisSegmentLib.inference.task import MemoryBank
 from IrisSegmentLib.training import data as data_module
+from IrisSegmentLib.training import augment
 from IrisSegmentLib.training import travel
 from IrisSegmentLib.training.bank import bank_batches, fill_bank
-from IrisSegmentLib.training.data import load, pack, pack_case
+from IrisSegmentLib.training.data import load, pack, pack_case, without
 from IrisSegmentLib.training.losses import dice_bce, dice_score
 from IrisSegmentLib.training.sampler import MIN_REF_VOXELS, EpisodeSampler, collate, crop
 from IrisSegmentLib.training.stream import episode_batches
@@ -96,8 +97,8 @@ def _tc(**kw):
 def test_sampler_masks_match_classes_and_valid_flags(packed):
     sampler = EpisodeSampler(load(packed, "train"), _tc(), seed=3, augment_images=False)
     assert sampler.names == ["btcv"]
-    seen_values, remapped = set(), 0
-    for _ in range(25):
+    seen_values, remapped, merged = set(), 0, 0
+    for _ in range(40):
         ep = sampler.sample()
         k = ep.ref_masks.shape[0]
         assert k == 3 and ep.ref_masks.shape == ep.query_masks.shape == (3, 32, 32, 32)
@@ -110,16 +111,46 @@ def test_sampler_masks_match_classes_and_valid_flags(packed):
             if not name:  # padded slot: empty, invalid
                 assert not ep.valid[j] and ep.ref_masks[j].sum() == 0 and ep.query_masks[j].sum() == 0
                 continue
-            value = int(name.split(":")[1])
-            seen_values.add(value)
-            # the image holds the label value: each slot's masks are exactly that class, in both images
-            assert torch.equal(ep.ref_masks[j], (ep.ref_image[0] == value).float()), name
-            assert torch.equal(ep.query_masks[j], (ep.query_image[0] == value).float()), name
-            remapped += value == 7
+            values = torch.tensor([int(v) for v in name.split(":")[1].split("+")])
+            seen_values.update(values.tolist())
+            merged += len(values) > 1
+            # the image holds the label value: each slot's masks are exactly that class (or union), in both images
+            assert torch.equal(ep.ref_masks[j], torch.isin(ep.ref_image[0], values.float()).float()), name
+            assert torch.equal(ep.query_masks[j], torch.isin(ep.query_image[0], values.float()).float()), name
+            remapped += 7 in values.tolist()
     assert seen_values == {3, 7, 9}
     assert remapped > 0  # label 7 has index 2 in caseA and index 1 in caseB
+    assert merged > 0  # merge_prob 0.2: some slots are the union of labels
 
 
+def test_holdout_sets_structures_to_background_everywhere(packed):
+    cases = load(packed, "train")
+    held = without(cases, {"btcv": [7]})
+    assert sum(7 in c.values for c in cases) == 2
+    for before, after in zip(cases, held):
+        if 7 not in before.values:
+            assert after is before
+            continue
+        seven = int(np.searchsorted(before.values, 7))
+        assert not (after.label == seven).any() and np.array_equal(after.values, before.values)
+        assert np.array_equal(after.label[before.label != seven], before.label[before.label != seven])
+    sampler = EpisodeSampler(held, _tc(), seed=3, augment_images=False)
+    names = {v for _ in range(30) for n in sampler.sample().names if n for v in n.split(":")[1].split("+")}
+    assert names == {"3", "9"}
+    assert without(cases, {}) == cases
+
+
+def test_random_curve_and_thick_slices():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.linspace(-2, 2, 1000).view(10, 10, 10), torch.linspace(-1, 1, 1000).view(10, 10, 10)
+    ca, cb = augment.random_curve([a, b], g)
+    assert abs(float(ca.mean())) < 1e-4 and float(ca.std()) == pytest.approx(1.0, abs=1e-3)
+    # one curve for both images: equal inputs give equal outputs before the per-image z-score
+    same = augment.random_curve([a, a.clone()], torch.Generator().manual_seed(1))
+    assert torch.allclose(same[0], same[1])
+    x = torch.randn(32, 32, 32, generator=g)
+    t = augment.thick_slices(x, g)
+    assert t.shape == x.shape and float(t.std()) < float(x.std())
 def test_sampler_label_only_and_shapes(packed):
     cases = load(packed, "train")
     tc = _tc(dataset_weights={"btcv": 0.0})
@@ -508,3 +539,13 @@ def test_train_command_without_nibabel_and_yaml(tmp_path, packed, tiny_cfg, tiny
     assert info["steps"] >= 1 and info["val_dice"] == {}  # the fixture's only validation collection stays home
     assert (out / "model" / "memory_bank.safetensors").is_file() and (out / "log.jsonl").is_file()
     assert (tmp_path / "resume" / CHECKPOINT).is_file() and not (out / CHECKPOINT).exists()
+
+
+def test_held_out_structures_are_not_in_the_exported_bank_or_config(tmp_path, packed, tiny_cfg, tiny_model_dir):
+    """minutes=0: no training step, only the export; the bank and the saved recipe show the holdout."""
+    cfg = dataclasses.replace(tiny_cfg, training=dataclasses.replace(
+        tiny_cfg.training, dataset_weights={"shapes": 0.0, "brain": 0.0}, holdout={"btcv": [7]}))
+    train(cfg, packed, tmp_path / "run", minutes=0, init=tiny_model_dir, val_episodes=2, bank_crops=1, log=lambda s: None)
+    bank = MemoryBank.load(tmp_path / "run" / "model" / "memory_bank.safetensors")
+    assert sorted(bank.embeddings) == ["btcv:3", "btcv:9"]
+    assert load_model(tmp_path / "run" / "model")[1].training.holdout == {"btcv": [7]}

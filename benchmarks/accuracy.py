@@ -18,6 +18,12 @@ table gives n.
     python benchmarks/accuracy.py [--model iris-small] [--data ../shared/data] [--datasets la2018,acdc,...]
         [--methods ensemble,tuned,bank,registration] [--minutes-per-dataset 6] [--max-queries N]
         [--strategy coarse-to-fine|full] [--threads N] [--json results.json]
+        [--tables validation,generalisation,calibration] [--holdout-model DIR] [--pairs 3] [--fit]
+
+`--tables generalisation` prints the second table (`generalisation.py`): unseen classes (with
+--holdout-model, a model trained without them), unseen contrasts and unseen acquisition geometry.
+`--tables calibration` the third (`calibration.py`): estimated against true Dice per segment; with
+`--fit` it also writes the model folder's confidence.json.
 """
 from __future__ import annotations
 
@@ -398,6 +404,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch and SimpleITK")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None, help="also write the raw per-query results here")
+    ap.add_argument("--tables", default="validation,generalisation,calibration",
+                    help="any of validation, generalisation, calibration")
+    ap.add_argument("--fit", action="store_true", help="calibration: fit on every pair and write confidence.json into the model folder")
+    ap.add_argument("--holdout-model", default=None,
+                    help="model folder trained with structures held out (training.holdout): the unseen-class rows")
+    ap.add_argument("--pairs", type=int, default=3, help="generalisation table: (query, reference) pairs per dataset")
+    ap.add_argument("--sections", default="unseen classes,unseen modality,unseen site/geometry",
+                    help="generalisation table: which sections")
     a = ap.parse_args()
     methods = set(a.methods.split(",")) - {""}
     if methods - set(COLUMNS):
@@ -408,13 +422,46 @@ def main() -> None:
     seg = Segmenter.load(a.model, a.device)
     strategy = a.strategy or getattr(seg.config.inference, "strategy", "full")
     print(f"model {seg.model_id} on {seg.device}, strategy {strategy}", file=sys.stderr)
-    rate = TuneRate()
-    results = {ds: evaluate(seg, Path(a.data), ds, methods, a.references, a.minutes_per_dataset, a.max_queries, a.strategy,
-                            rate, lambda m: print(m, file=sys.stderr)) for ds in a.datasets.split(",")}
-    columns = [c for c in COLUMNS if c == "one-shot" or c in methods]
-    print("\n\n".join([table(results, columns, a.references), seconds_line(results, columns), caption(seg, a, strategy)]))
+    tables = set(a.tables.split(",")) - {""}
+    if tables - {"validation", "generalisation", "calibration"}:
+        ap.error(f"unknown table(s) {sorted(tables - {'validation', 'generalisation', 'calibration'})}")
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    out, raw = [], {}
+    if "validation" in tables:
+        rate = TuneRate()
+        results = {ds: evaluate(seg, Path(a.data), ds, methods, a.references, a.minutes_per_dataset, a.max_queries, a.strategy,
+                                rate, log) for ds in a.datasets.split(",")}
+        columns = [c for c in COLUMNS if c == "one-shot" or c in methods]
+        out += [table(results, columns, a.references), seconds_line(results, columns), caption(seg, a, strategy)]
+        raw["validation"] = results
+    if "generalisation" in tables:
+        import generalisation
+
+        held = Segmenter.load(a.holdout_model, a.device) if a.holdout_model else None
+        sections = a.sections.split(",")
+        if set(sections) - set(generalisation.SECTIONS):
+            ap.error(f"unknown section(s) {sorted(set(sections) - set(generalisation.SECTIONS))}")
+        records = generalisation.evaluate(seg, held, Path(a.data), a.pairs, segment_options(seg, a.strategy),
+                                          "registration" in methods, log, sections)
+        out += [generalisation.table(records), generalisation.verdict(records), generalisation.caption(seg, held, a.pairs)]
+        raw["generalisation"] = records
+    if "calibration" in tables:
+        import calibration
+
+        collected = calibration.collect(seg, Path(a.data), a.datasets.split(","), a.references, a.minutes_per_dataset,
+                                        segment_options(seg, a.strategy), log)
+        flag = seg.calibration.flag_below if seg.calibration else 0.5
+        out += [calibration.table(collected, flag), calibration.cost_line(collected),
+                f"Calibration of model {seg.model_id}: out of fold ({calibration.FOLDS} folds by query). "
+                f"Command: `python benchmarks/accuracy.py {shlex.join(sys.argv[1:])}`"]
+        raw["calibration"] = collected
+        if a.fit:
+            from IrisSegmentLib.resources import model_dir
+
+            out.append(f"Wrote {calibration.fit_and_save(model_dir(a.model), collected, flag)}.")
+    print("\n\n".join(out))
     if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=1))
+        Path(a.json).write_text(json.dumps(raw, indent=1))
 
 
 if __name__ == "__main__":

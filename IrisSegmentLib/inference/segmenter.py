@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -13,6 +13,8 @@ import torch
 
 from ..config import BundleConfig
 from ..errors import Cancelled, IrisInputError
+from ..io import file_sha256
+from .confidence import CALIBRATION_FILE, Calibration, features
 from .geometry import WorkingGrid
 from .intensity import normalise_
 from .task import Colour, MemoryBank, TaskEmbedding, tune
@@ -41,6 +43,27 @@ class SegmentationResult:
     device: str
     seconds: float
     windows: int
+    confidence: dict[int, float] = field(default_factory=dict)  # estimated Dice per label (with a calibration)
+    confidence_features: dict[int, dict[str, float]] = field(default_factory=dict)
+
+
+def load_calibration(folder: Path) -> Calibration | None:
+    """The model folder's confidence calibration, if it has one fitted on exactly its weights (else a warning)."""
+    from ..weights import WEIGHTS
+
+    path = folder / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        cal = Calibration.load(path)
+    except (ValueError, TypeError, KeyError) as e:
+        warnings.warn(f"{path}: unreadable confidence calibration ({e}); segments get no estimated Dice")
+        return None
+    if cal.weights_sha256 != file_sha256(folder / WEIGHTS):
+        warnings.warn(f"{path} was fitted on other weights than {folder / WEIGHTS}; segments get no estimated Dice until it is "
+                      "refitted (python benchmarks/accuracy.py --tables calibration --fit)")
+        return None
+    return cal
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -117,6 +140,7 @@ class Segmenter:
         self.batch_size = config.inference.batch_size
         self.cpu_bf16 = cpu_autocast(config.inference.cpu_precision)
         self.bank = MemoryBank(config.training.bank_momentum, self.model_id)
+        self.calibration: Calibration | None = None
 
     @classmethod
     def load(cls, name_or_path: str | None = None, device: str = "auto") -> "Segmenter":
@@ -131,6 +155,7 @@ class Segmenter:
         if bank.is_file():
             seg.bank = MemoryBank.load(bank)
             seg.bank.model_id = seg.model_id
+        seg.calibration = load_calibration(model_dir(name_or_path))
         return seg
 
     # -- preparation -------------------------------------------------------------------------
@@ -183,8 +208,9 @@ class Segmenter:
 
     # -- task encoding -----------------------------------------------------------------------
     def encode(self, image, affine, label, labels: list[int] | None = None, names: list[str] | None = None,
-               colours: list[Colour] | None = None, modality: str = "auto") -> TaskEmbedding:
-        """Task embedding of the structures `labels` (default: every non-zero value) in one reference."""
+               colours: list[Colour] | None = None, modality: str = "auto", confidence: bool = True) -> TaskEmbedding:
+        """Task embedding of the structures `labels` (default: every non-zero value) in one reference;
+        `confidence`: also segment the reference crops with it (self-Dice, a confidence feature)."""
         img = check_volume(image, "reference image")
         lab = check_volume(label, "reference label")
         if img.shape != lab.shape:
@@ -203,27 +229,38 @@ class Segmenter:
         masks = self._working_masks(grid, lab, labels)
         win = self.config.model.window
         fill = float(work.min())
-        tokens = []
+        tokens, stats = [], []
+        voxel_ml = float(np.prod(self.config.model.spacing)) / 1000.0
         with torch.inference_mode():
             for k in range(len(labels)):
-                crops = []
+                crops, stat = [], {"ml": float(masks[k].sum()) * voxel_ml}
                 for origin in self._crops(masks[k]):
                     im = self._extract(work, origin, win, fill)[None]
                     mk = self._extract(masks[k : k + 1], origin, win, 0.0)[None]
                     if float(mk.sum()) > 0:
-                        crops.append(self._encode_crop(im, mk))
+                        t, self_dice = self._encode_crop(im, mk, confidence and "self_dice" not in stat)  # first crop only
+                        crops.append(t)
+                        if self_dice is not None:
+                            stat["self_dice"] = self_dice
                 if not crops:
                     raise IrisInputError(f"label {labels[k]} is too small to see at the working spacing {self.config.model.spacing} mm: draw it larger, or use another reference")
                 tokens.append(torch.stack(crops).mean(0))
-        return TaskEmbedding(torch.stack(tokens), labels, list(names or []), list(colours or []), self.model_id)
+                stats.append(stat)
+        return TaskEmbedding(torch.stack(tokens), labels, list(names or []), list(colours or []), self.model_id, stats)
 
-    def _encode_crop(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """One window's task tokens; on CUDA out of memory, continues on the CPU (one window cannot be split)."""
+    def _encode_crop(self, image: torch.Tensor, mask: torch.Tensor, check: bool = False) -> tuple[torch.Tensor, float | None]:
+        """One window's task tokens and, with `check`, the Dice of that task on its own window (a confidence
+        feature: one more window's forward); on CUDA out of memory, continues on the CPU (one window cannot be split)."""
         while True:
             try:
-                return self.model.encode_task(image.to(self.device), mask.to(self.device))[0, 0].float().cpu()
+                tokens = self.model.encode_task(image.to(self.device), mask.to(self.device))[0, 0].float().cpu()
+                break
             except torch.cuda.OutOfMemoryError:
                 self._shrink_after_oom(batch=1)
+        if not check:
+            return tokens, None
+        pred, truth = self._forward([image[0]], tokens[None])[0, 0] >= 0.5, mask[0, 0] > 0
+        return tokens, 2.0 * float((pred & truth).sum()) / max(float(pred.sum() + truth.sum()), 1.0)
 
     def encode_references(self, references: list[tuple], labels: list[int] | None = None, names=None, colours=None,
                           modality: str = "auto") -> TaskEmbedding:
@@ -252,7 +289,7 @@ class Segmenter:
                 break
             except torch.cuda.OutOfMemoryError:
                 self._shrink_after_oom(batch=1)
-        return TaskEmbedding(tokens[0].cpu(), task.labels, task.names, task.colours, task.model_id)
+        return TaskEmbedding(tokens[0].cpu(), task.labels, task.names, task.colours, task.model_id, task.references)
 
     def retrieve(self, image, affine, task: TaskEmbedding, top_k: int = 1, modality: str = "auto",
                  progress: Progress | None = None, cancel: Cancel | None = None) -> tuple[SegmentationResult, list[list[str]]]:
@@ -268,15 +305,17 @@ class Segmenter:
         for i, v in enumerate(task.labels):
             if v in hits:
                 tokens[i] = torch.stack([self.bank.embeddings[n] for n, _ in hits[v]]).mean(0)
-        second = TaskEmbedding(tokens, task.labels, task.names, task.colours, task.model_id)
+        second = TaskEmbedding(tokens, task.labels, task.names, task.colours, task.model_id, task.references)
         result = self.segment(image, affine, second, modality, progress=progress, cancel=cancel)
         return result, [[n for n, _ in hits.get(v, [])] for v in task.labels]
 
     # -- segmentation ------------------------------------------------------------------------
     def segment(self, image, affine, task: TaskEmbedding, modality: str = "auto", overlap: float | None = None,
-                progress: Progress | None = None, cancel: Cancel | None = None, strategy: str | None = None) -> SegmentationResult:
+                progress: Progress | None = None, cancel: Cancel | None = None, strategy: str | None = None,
+                confidence: bool = True) -> SegmentationResult:
         """Label map of the task's structures in `image`, on the image's own grid. `strategy`: "coarse-to-fine"
-        (default from the config) or "full" (see `_sliding_window`)."""
+        (default from the config) or "full" (see `_sliding_window`). `confidence`: also the confidence
+        features per segment and, where the model has a calibration, the estimated Dice (`confidence.py`)."""
         t0 = time.perf_counter()
         if task.model_id != self.model_id:
             raise IrisInputError(f"the task embedding was made by model {task.model_id!r}, not by the loaded {self.model_id!r}; encode the reference again with this model")
@@ -289,15 +328,26 @@ class Segmenter:
         if constant:
             warnings.warn("target image is constant: nothing can be segmented; the result is empty")
             return SegmentationResult(np.zeros(shape, np.uint8), task.labels, task.names, task.colours, str(self.device), time.perf_counter() - t0, 0)
-        probs, n_windows = self._sliding_window(work, task.tokens, overlap, report, cancel, strategy)
+        probs, spread, n_windows = self._sliding_window(work, task.tokens, overlap, report, cancel, strategy, confidence)
         del work
+        feats: dict[int, dict[str, float]] = {}
+        estimated: dict[int, float] = {}
+        if confidence:
+            voxel_ml = float(np.prod(self.config.model.spacing)) / 1000.0
+            feats = dict(zip(task.labels, features(probs, spread, voxel_ml, task.references)))
+            if self.calibration is not None:
+                estimated = dict(zip(task.labels, self.calibration.predict(list(feats.values()))))
+        del spread
         label_map = self._to_label_map(probs, grid, task.labels)
         report(1.0, "done")
-        return SegmentationResult(label_map, task.labels, task.names, task.colours, str(self.device), time.perf_counter() - t0, n_windows)
+        return SegmentationResult(label_map, task.labels, task.names, task.colours, str(self.device), time.perf_counter() - t0,
+                                  n_windows, estimated, feats)
 
     def _sliding_window(self, work: torch.Tensor, tokens: torch.Tensor, overlap: float, report: Progress,
-                        cancel: Cancel | None, strategy: str | None = None) -> tuple[torch.Tensor, int]:
-        """Gaussian-blended class probabilities (K, X, Y, Z) on the working grid, and the windows run.
+                        cancel: Cancel | None, strategy: str | None = None,
+                        spread: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """Gaussian-blended class probabilities (K, X, Y, Z) on the working grid, with `spread` the weighted
+        standard deviation of the overlapping windows' probabilities (else None), and the windows run.
 
         "full" runs every overlapping window. "coarse-to-fine" first runs the subset of those windows that
         just covers the volume, then the other overlapping windows only where the coarse probabilities
@@ -316,6 +366,7 @@ class Segmenter:
         padded, shape = pad_to_window(work, win)
         origins = tile(padded.shape[1:], win, overlap)
         acc = torch.zeros((tokens.shape[0], *padded.shape[1:]), dtype=torch.float32)
+        acc2 = torch.zeros_like(acc) if spread else None
         wsum = torch.zeros(padded.shape[1:], dtype=torch.float32)
         weight = gaussian_weights(win, inf.gaussian_sigma_scale)
 
@@ -335,6 +386,8 @@ class Segmenter:
                     continue
                 for j, i in enumerate(live):
                     acc[(slice(None), *places[i])] += probs[j] * weight
+                    if acc2 is not None:
+                        acc2[(slice(None), *places[i])] += probs[j].square() * weight
                 for sl in places:
                     wsum[sl] += weight
                 pending = pending[len(chunk):]
@@ -355,7 +408,12 @@ class Segmenter:
             del roi
             n += run(rest, 0.35, 0.9)
         acc /= wsum.clamp_min_(1e-12)  # in place: the accumulator becomes the probabilities
-        return acc[(slice(None), *(slice(0, s) for s in shape))], n
+        inner = (slice(None), *(slice(0, s) for s in shape))
+        if acc2 is not None:  # E[p^2] - E[p]^2, in place
+            acc2 /= wsum
+            acc2.addcmul_(acc, acc, value=-1).clamp_(min=0).sqrt_()
+            return acc[inner], acc2[inner], n
+        return acc[inner], None, n
 
     def _forward(self, crops: list[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
         x = torch.stack(crops).to(self.device)

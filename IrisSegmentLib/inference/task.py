@@ -27,13 +27,16 @@ def default_colour(i: int) -> Colour:
 
 @dataclass
 class TaskEmbedding:
-    """Tokens per class (K, m+1, C) with label values, names, colours and the model they belong to."""
+    """Tokens per class (K, m+1, C) with label values, names, colours and the model they belong to;
+    `references`: per class what the confidence estimate needs from the reference ({"ml": volume,
+    "self_dice": Dice of the task on its own reference crop}), empty for bank or loaded old tasks."""
 
     tokens: torch.Tensor
     labels: list[int]
     names: list[str] = field(default_factory=list)
     colours: list[Colour] = field(default_factory=list)
     model_id: str = ""
+    references: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
         k = self.tokens.shape[0]
@@ -43,14 +46,19 @@ class TaskEmbedding:
             self.names = [f"label {v}" for v in self.labels]
         if not self.colours:
             self.colours = [default_colour(i) for i in range(k)]
+        if self.references and len(self.references) != k:
+            raise ValueError(f"{k} token sets but {len(self.references)} reference statistics")
 
     def select(self, labels: list[int]) -> "TaskEmbedding":
         idx = [self.labels.index(v) for v in labels]
-        return TaskEmbedding(self.tokens[idx], list(labels), [self.names[i] for i in idx], [self.colours[i] for i in idx], self.model_id)
+        refs = [self.references[i] for i in idx] if self.references else []
+        return TaskEmbedding(self.tokens[idx], list(labels), [self.names[i] for i in idx], [self.colours[i] for i in idx],
+                             self.model_id, refs)
 
     def save(self, path: str | Path) -> None:
         """Writes a .safetensors file; atomic (temporary file, then rename): never a half-written task."""
-        meta = {"labels": self.labels, "names": self.names, "colours": [list(c) for c in self.colours], "model_id": self.model_id}
+        meta = {"labels": self.labels, "names": self.names, "colours": [list(c) for c in self.colours], "model_id": self.model_id,
+                "references": self.references}
         p = Path(path)
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".iris-", suffix=".safetensors")
         os.close(fd)
@@ -72,7 +80,8 @@ class TaskEmbedding:
                 tokens = f.get_tensor("tokens")
         except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as e:
             raise IrisInputError(f"{p}: not an IrisSegment task file ({e}); save one with --save-task or Save task in Slicer") from None
-        return cls(tokens, [int(v) for v in meta["labels"]], meta["names"], [tuple(c) for c in meta["colours"]], meta["model_id"])
+        return cls(tokens, [int(v) for v in meta["labels"]], meta["names"], [tuple(c) for c in meta["colours"]], meta["model_id"],
+                   meta.get("references", []))
 
     @staticmethod
     def ensemble(tasks: list["TaskEmbedding"]) -> "TaskEmbedding":
@@ -84,14 +93,17 @@ class TaskEmbedding:
             raise IrisInputError(f"task embeddings come from different models {sorted(ids)}; encode all references with one model")
         first = tasks[0]
         labels = list(dict.fromkeys(v for t in tasks for v in t.labels))
-        tokens, names, colours = [], [], []
+        tokens, names, colours, refs = [], [], [], []
         for v in labels:
             have = [t for t in tasks if v in t.labels]
             tokens.append(torch.stack([t.tokens[t.labels.index(v)] for t in have]).mean(0))
             src = have[0]
             names.append(src.names[src.labels.index(v)])
             colours.append(src.colours[src.labels.index(v)])
-        return TaskEmbedding(torch.stack(tokens), labels, names, colours, first.model_id)
+            stats = [t.references[t.labels.index(v)] for t in have if t.references]
+            refs.append({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]} if len(stats) == len(have) else {})
+        return TaskEmbedding(torch.stack(tokens), labels, names, colours, first.model_id,
+                             refs if all(refs) else [])
 
 
 class MemoryBank:

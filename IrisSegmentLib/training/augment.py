@@ -45,3 +45,32 @@ def intensity(image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     if torch.rand(1, generator=g) < 0.2:
         x = gaussian_blur(x[None], _u(g, 0.7, 1.3))[0]
     return x + _u(g, 0.0, 0.02) * torch.randn(x.shape, generator=g)
+
+
+def random_curve(images: list[torch.Tensor], g: torch.Generator, knots: int = 5) -> list[torch.Tensor]:
+    """One random piecewise-linear intensity curve (knots at random levels, any order, so it may
+    invert or fold the contrast) applied to every image, each then z-scored: one new 'modality'."""
+    lo = min(float(i.min()) for i in images)
+    hi = max(float(i.max()) for i in images)
+    xs = torch.linspace(lo, hi + 1e-6, knots)
+    ys = torch.rand(knots, generator=g)
+    out = []
+    for img in images:
+        pos = ((img - lo) / (hi + 1e-6 - lo) * (knots - 1)).clamp(0, knots - 1 - 1e-6)
+        i = pos.floor().long()
+        f = pos - i
+        y = ys[i] * (1 - f) + ys[i + 1] * f
+        out.append((y - y.mean()) / y.std().clamp_min(1e-6))
+    return out
+
+
+def thick_slices(image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """(D, H, W) image as if acquired with 2-5x thicker slices along a random axis (slab average,
+    then linear interpolation back): the look of a thick-slice or other-orientation scan."""
+    axis = int(torch.randint(0, 3, (1,), generator=g))
+    f = int(torch.randint(2, 6, (1,), generator=g))
+    size = list(image.shape)
+    small = size.copy()
+    small[axis] = max(2, size[axis] // f)
+    x = F.adaptive_avg_pool3d(image[None, None], small)
+    return F.interpolate(x, size=size, mode="trilinear", align_corners=False)[0, 0]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +133,18 @@ def load(packed: str | Path, split: str) -> list[Case]:
             label, values, image = z["label"], z["values"], z["image"] if "image" in z.files else None
         cases.append(Case(e["dataset"], e["id"], e["group"], label, values, image))
     return cases
+
+
+def without(cases: list[Case], holdout: dict[str, list[int]]) -> list[Case]:
+    """The cases with the held-out label values of their collection set to background (value 0)."""
+    out = []
+    for c in cases:
+        drop = set(holdout.get(c.dataset, ())) & {int(v) for v in c.values}
+        if not drop:
+            out.append(c)
+            continue
+        if c.values[0] != 0:
+            raise ValueError(f"{c.dataset}/{c.case_id}: no background label to hold structures out into")
+        lut = np.array([0 if int(v) in drop else i for i, v in enumerate(c.values)], dtype=np.uint8)
+        out.append(replace(c, label=lut[c.label]))
+    return out

@@ -84,8 +84,7 @@ class EpisodeSampler:
         means, stds = synth.random_modality(n + 1, self.g)
         labs = [synth.random_shapes(size, n, self.g) for _ in range(2)]
         imgs = [synth.render(l, means, stds, self.g) for l in labs]
-        classes = list(range(1, n + 1))
-        return imgs, labs, classes, [f"shape{i}" for i in classes]
+        return imgs, labs, [[i] for i in range(1, n + 1)], [f"shape{i}" for i in range(1, n + 1)]
 
     def _image(self, case: Case, lab: torch.Tensor, centre, table) -> torch.Tensor:
         """The image crop under label crop `lab`: the case's own, or rendered with `table` (means, stds)."""
@@ -120,9 +119,14 @@ class EpisodeSampler:
                 return None
             k = int(self.rng.integers(1, min(k_max, len(common)) + 1))
             values = [int(v) for v in self.rng.choice(common, k, replace=False)]
-            chosen = [int(np.searchsorted(ref.values, v)) for v in values]
-            q_index = {c: int(np.searchsorted(qry.values, v)) for c, v in zip(chosen, values)}
-            anchor = chosen[self.rng.integers(k)]
+            groups = [[v] for v in values]
+            rest = [v for v in common if v not in values]
+            if rest and self.rng.random() < self.cfg.merge_prob:  # one class = the union of 2-3 labels
+                extra = self.rng.choice(rest, min(len(rest), int(self.rng.integers(1, 3))), replace=False)
+                groups[0] += [int(v) for v in extra]
+            anchor_value = groups[self.rng.integers(k)][0]
+            q_index = {int(np.searchsorted(ref.values, v)): int(np.searchsorted(qry.values, v)) for g in groups for v in g}
+            anchor = int(np.searchsorted(ref.values, anchor_value))
             rc = self._centre(ref, anchor, size[0] // 8)
             if self.rng.random() < self.cfg.empty_query_prob:
                 qc = np.array([self.rng.integers(0, s) for s in qry.label.shape])
@@ -132,12 +136,15 @@ class EpisodeSampler:
             lab_q = torch.from_numpy(crop(qry.label, qc, size, 0))
             table = synth.random_modality(int(max(ref.values.max(), qry.values.max())) + 1, self.g) if ref.image is None else None
             imgs = [self._image(ref, lab_r, rc, table), self._image(qry, lab_q, qc, table)]
-            labs = [lab_r, lab_q]
-            names = [f"{dataset}:{v}" for v in values]
-            classes = chosen
-            labs[1] = _remap(lab_q, q_index)
-        masks = [torch.stack([(l == c) for c in classes]).float() for l in labs]
+            labs = [lab_r, _remap(lab_q, q_index)]
+            names = [f"{dataset}:{'+'.join(map(str, g))}" for g in groups]
+            classes = [[int(np.searchsorted(ref.values, v)) for v in g] for g in groups]
+        masks = [torch.stack([torch.isin(l, torch.tensor(c, dtype=l.dtype)) for c in classes]).float() for l in labs]
         if self.augment:
+            if torch.rand(1, generator=self.g) < self.cfg.lut_prob:
+                imgs = augment.random_curve(imgs, self.g)
+            if torch.rand(1, generator=self.g) < self.cfg.thick_slice_prob:
+                imgs[1] = augment.thick_slices(imgs[1], self.g)
             for i in range(2):
                 imgs[i], masks[i] = augment.spatial(imgs[i], masks[i], self.g)
                 imgs[i] = augment.intensity(imgs[i], self.g)

@@ -20,7 +20,7 @@ from ..inference.segmenter import BANK_FILE
 from ..model import IrisModel
 from ..weights import load_model, save_model
 from .bank import bank_batches, fill_bank
-from .data import load
+from .data import load, without
 from .losses import dice_bce, dice_score
 from .sampler import EpisodeSampler, episodes, real_only
 from .stream import episode_batches
@@ -146,9 +146,9 @@ def train(cfg: BundleConfig, packed: str | Path, out: str | Path, minutes: float
     if resume:
         step = load_checkpoint(Path(resume), model, ema, opt)
         log(f"resumed from {resume} at step {step}")
-    cases = load(packed, "train")
+    cases = without(load(packed, "train"), tc.holdout)
     bank_set = bank_batches(cases, tc, bank_crops)
-    val_cases = load(packed, "val")  # a travel cache may have none: then there is no validation
+    val_cases = without(load(packed, "val"), tc.holdout)  # a travel cache may have none: then there is no validation
     val_batches = []
     if val_cases:
         val_batches = episodes(EpisodeSampler(val_cases, real_only(tc), seed=12345, augment_images=False), val_episodes, tc.batch_size)
