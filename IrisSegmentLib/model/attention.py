@@ -64,19 +64,39 @@ class TaskBlock(nn.Module):
         return tokens
 
 
-class TwoWayBlock(nn.Module):
-    """tokens <- image, image <- tokens, token self-attention; each with an FFN, pre-norm, no positions."""
+class JointTaskBlock(nn.Module):
+    """Ablation (task_attention "joint"): the seed's self-attention encoder layer (pre-norm, + FFN),
+    run over [tokens; features] together so that the tokens can read the reference at all."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: int):
         super().__init__()
-        self.tok_from_img = Residual(dim, Attention(dim, heads), dim)
-        self.tok_mlp = Residual(dim, MLP(dim, mlp_ratio))
+        self.attn = Residual(dim, Attention(dim, heads))
+        self.mlp = Residual(dim, MLP(dim, mlp_ratio))
+
+    def forward(self, tokens: torch.Tensor, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.mlp(self.attn(torch.cat([tokens, feats], 1)))
+        return x[:, : tokens.shape[1]], x[:, tokens.shape[1] :]
+
+
+class TwoWayBlock(nn.Module):
+    """tokens <- image, image <- tokens, token self-attention; each with an FFN, pre-norm, no positions.
+    `one_way` (ablation, decoder_attention "one-way"): image <- tokens only, the tokens pass unchanged."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, one_way: bool = False):
+        super().__init__()
+        self.one_way = one_way
+        if not one_way:
+            self.tok_from_img = Residual(dim, Attention(dim, heads), dim)
+            self.tok_mlp = Residual(dim, MLP(dim, mlp_ratio))
         self.img_from_tok = Residual(dim, Attention(dim, heads), dim)
         self.img_mlp = Residual(dim, MLP(dim, mlp_ratio))
-        self.tok_self = Residual(dim, Attention(dim, heads))
-        self.tok_self_mlp = Residual(dim, MLP(dim, mlp_ratio))
+        if not one_way:
+            self.tok_self = Residual(dim, Attention(dim, heads))
+            self.tok_self_mlp = Residual(dim, MLP(dim, mlp_ratio))
 
     def forward(self, img: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor | None):
+        if self.one_way:
+            return self.img_mlp(self.img_from_tok(img, tokens, token_mask)), tokens
         tokens = self.tok_mlp(self.tok_from_img(tokens, img))
         img = self.img_mlp(self.img_from_tok(img, tokens, token_mask))
         tokens = self.tok_self_mlp(self.tok_self(tokens, None, token_mask))

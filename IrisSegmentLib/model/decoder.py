@@ -45,8 +45,10 @@ class Decoder(nn.Module):
         super().__init__()
         w, c = cfg.widths, cfg.token_dim
         self.fusion = nn.ModuleList(
-            TwoWayBlock(c, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.bottleneck_fusion_depth)
+            TwoWayBlock(c, cfg.heads, cfg.mlp_ratio, cfg.decoder_attention == "one-way")
+            for _ in range(cfg.bottleneck_fusion_depth)
         )
+        self.independent = cfg.class_interaction == "independent"
         self.img_norm = nn.LayerNorm(c)
         self.ups = nn.ModuleList(UpBlock(w[i], w[i - 1]) for i in range(len(w) - 1, 0, -1))
         self.second_fusion = (
@@ -63,6 +65,15 @@ class Decoder(nn.Module):
         self, feats: list[torch.Tensor], tokens: torch.Tensor, class_valid: torch.Tensor | None = None
     ) -> torch.Tensor:
         """feats finest-first; tokens (B, K, T, C); class_valid (B, K) bool -> logits (B, K, D, H, W)."""
+        if self.independent and tokens.shape[1] > 1:  # ablation: one pass per class, classes never meet
+            b, k = tokens.shape[:2]
+            feats = [f.repeat_interleave(k, 0) for f in feats]
+            # no key mask: a pass sees one class's tokens only, so a padded slot can reach nothing but its own
+            # (loss-masked) output, and masking its only keys would turn that output into NaN
+            return self._forward(feats, tokens.reshape(b * k, 1, *tokens.shape[2:]), None).view(b, k, *feats[0].shape[2:])
+        return self._forward(feats, tokens, class_valid)
+
+    def _forward(self, feats: list[torch.Tensor], tokens: torch.Tensor, class_valid: torch.Tensor | None) -> torch.Tensor:
         b, k, t, c = tokens.shape
         tok = tokens.reshape(b, k * t, c)
         tmask = None if class_valid is None else class_valid.repeat_interleave(t, dim=1)

@@ -32,3 +32,20 @@ def foreground_pool(features: torch.Tensor, mask: torch.Tensor, eps: float = 1e-
     num = torch.einsum("bczyx,bkzyx->bkc", features, adj)
     den = mask.flatten(2).sum(-1).to(features.dtype).clamp_min(eps)
     return num / den.unsqueeze(-1)
+
+
+def upsample_then_pool(features: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Ablation: the same average with the upsampled features materialised (C x full resolution per
+    sample, as the seed proposes); equal to `foreground_pool` up to rounding, at full-resolution cost."""
+    up = F.interpolate(features, size=tuple(mask.shape[-3:]), mode="trilinear", align_corners=False)
+    num = torch.einsum("bcZYX,bkZYX->bkc", up, mask.to(features.dtype))
+    den = mask.flatten(2).sum(-1).to(features.dtype).clamp_min(eps)
+    return num / den.unsqueeze(-1)
+
+
+def downsampled_pool(features: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Ablation: the mask area-averaged down to the feature grid, then a weighted average there (cheap,
+    NOT equal to the full-resolution average: each fine voxel goes to the one cell holding it)."""
+    low = F.adaptive_avg_pool3d(mask.to(features.dtype), tuple(features.shape[-3:]))
+    num = torch.einsum("bczyx,bkzyx->bkc", features, low)
+    return num / low.flatten(2).sum(-1).clamp_min(eps).unsqueeze(-1)

@@ -1,0 +1,1156 @@
+"""Evidence for the nine gap choices (issue 11): ablations, sensitivity, and cost against input size.
+
+1. Ablations. For each of the nine gaps the paper leaves open (docs/DESIGN.md section 2), the design
+   against at least one credible alternative, each trained with the same budget (--steps) from the
+   same seeds (--seeds) on one CPU mini-benchmark:
+     data: the packed la2018 + hippocampus + acdc training cases (`iris-segment pack`, --data), on
+       the tiny network (Resources/Configs/tiny.yaml: 32^3 crops and windows, 1.5 mm), AdamW as
+       in train.py (lr 1e-3, warm-up --steps/6, weight EMA 0.99), the product sampler and augmentation;
+     validation (the same for every row): 48 fixed one-shot episodes from the validation split of
+       the three collections (EpisodeSampler seed 12345, no augmentation, the design's sampler
+       settings), Dice of the EMA network per collection, then the mean over collections ("episode
+       Dice"); and, for rows marked so, "volume Dice": the whole packed validation volume segmented
+       by the product engine (Segmenter: reference crops, sliding windows, blending, resampling)
+       with a reference from another subject (acdc 3 targets, la2018 4, hippocampus 4).
+   Gaps whose alternative is a training-time choice train their own networks (model/training config
+   switches, ModelConfig ablation fields); gaps whose alternative is an inference-time choice (memory
+   bank filling, sliding-window overlap/blending/strategy) are evaluated on the design's networks.
+2. Sensitivity: learning rate, number of context queries m, working spacing (training data resampled,
+   evaluated by the engine on the 1.5 mm validation volumes), window size, one-shot vs 3-reference
+   ensemble, on the same mini-benchmark.
+3. Cost against input size for the product (bundled iris-small, Segmenter API, CPU, default
+   precision): seconds and peak memory (VmHWM of a fresh process per row) against the target size,
+   the number of classes and the number of references; the spread of sliding-window choices (the
+   seed's "10-50x inference time"); and training-step memory of the paper-sized network (the seed's
+   "24-48 GB"). Fitted growth is written with the tables; plots go to docs/.
+
+Every training run is its own fresh process (peak memory: VmHWM after resetting it through
+/proc/self/clear_refs, over 3 training steps of a throw-away copy of the network, on top of the
+process's resident memory just before them); results are cached as JSON under --work, so an
+interrupted run resumes and finished runs are skipped. Table columns: mean and sd over seeds.
+Verdict per gap: the difference from the design is "within noise" when |diff| < 2 sd (sd pooled
+over both rows; for inference-time alternatives on the same networks, the sd of the per-seed
+paired differences), else the better row is named.
+
+    python benchmarks/ablations.py [--data .cache/packed] [--steps 200] [--seeds 0,1,2] [--jobs 2]
+        [--parts ablations,sensitivity,cost] [--work runs/ablations] [--docs docs] [--quick]
+
+--quick: synthetic data, 16^3 crops, 2 steps, 2 seeds, tiny random network for the cost rows, all
+in one process: checks the machinery in well under a minute; its numbers mean nothing. It writes
+to --work only (default a temporary folder), never to docs/.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from IrisSegmentLib.config import BundleConfig  # noqa: E402
+from IrisSegmentLib.model import IrisModel  # noqa: E402
+from IrisSegmentLib.training.data import Case  # noqa: E402
+
+MIB = 2**20
+DATASETS = ("la2018", "hippocampus", "acdc")
+VOLUME_TARGETS = {"acdc": 3, "la2018": 4, "hippocampus": 4}
+VAL_EPISODES = 48
+VAL_SEED = 12345
+GAPS = {
+    1: "task-encoding attention", 2: "high-resolution foreground pooling", 3: "3D pixel shuffle (context tokens)",
+    4: "bidirectional cross-attention", 5: "decoder", 6: "episodic sampling", 7: "memory bank",
+    8: "multi-class", 9: "sliding window",
+}
+
+
+# -- what is compared -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Variant:
+    """One trained configuration: overrides of the mini-benchmark's model and training config."""
+
+    key: str
+    group: str  # "design", "gap N" or a sensitivity name
+    label: str
+    model: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+    spacing: float = 1.5  # working spacing of the training data and of the engine, mm
+    volume: bool = False  # also the engine's volume Dice (needed where episodes are not comparable)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One inference-time alternative, evaluated on the design's networks by the engine."""
+
+    key: str
+    group: str
+    label: str
+    inference: dict = field(default_factory=dict)
+    window: int | None = None
+    references: int = 1
+    bank: str | None = None  # "export-mean" (design), "ema-0.99", "seed-ema-0.999"
+
+
+DESIGN = Variant("design", "design", "design (every gap as in DESIGN.md)", volume=True)
+TRAINED = [
+    DESIGN,
+    Variant("joint-attention", "gap 1", "seed-style self-attention over [tokens; features]", {"task_attention": "joint"}),
+    Variant("upsample-then-pool", "gap 2", "upsample features, then pool (same numbers, full-res cost)", {"foreground_pooling": "upsample-then-pool"}),
+    Variant("downsample-pool", "gap 2", "mask area-pooled to 1/8, pool there", {"foreground_pooling": "downsample"}),
+    Variant("no-fg-pool", "gap 2", "no foreground pooling (learnt token)", {"foreground_pooling": "none"}),
+    Variant("pool-context", "gap 3", "context from the mask area-pooled to 1/8 (no shuffle)", {"context_tokens": "pool"}),
+    Variant("one-way", "gap 4", "one-way: image <- tokens only", {"decoder_attention": "one-way"}),
+    Variant("no-second-fusion", "gap 5", "no second (1/4-scale) image <- tokens fusion", {"second_fusion": False}),
+    Variant("seed-sampling", "gap 6", "seed's sampler: dataset weights by size, one class per episode, no unions",
+            training={"dataset_weights": "by-size", "max_classes": 1, "merge_prob": 0.0}),
+    Variant("independent-classes", "gap 8", "one decoder pass per class (no class interaction)", {"class_interaction": "independent"}),
+]
+SENSITIVITY = [
+    Variant("lr-3e-4", "learning rate", "lr 3e-4", training={"lr": 3e-4}),
+    Variant("lr-3e-3", "learning rate", "lr 3e-3", training={"lr": 3e-3}),
+    Variant("m-1", "context queries m", "m = 1", {"num_queries": 1}),
+    Variant("m-10", "context queries m", "m = 10", {"num_queries": 10}),
+    Variant("spacing-2.0", "working spacing", "2.0 mm", spacing=2.0, volume=True),
+    Variant("spacing-3.0", "working spacing", "3.0 mm", spacing=3.0, volume=True),
+]
+DESIGN_VALUES = {"learning rate": "lr 1e-3", "context queries m": "m = 4", "working spacing": "1.5 mm",
+                 "window size": "32^3", "references": "one-shot (1 reference)"}
+PROBES = [
+    Probe("engine", "design", "design: window 32^3, overlap 0.5, Gaussian sigma w/8, coarse-to-fine"),
+    Probe("bank-export-mean", "gap 7", "bank: mean tokens of the exported net on fixed crops (design)", bank="export-mean"),
+    Probe("bank-ema-0.99", "gap 7", "bank: EMA 0.99 of training-step tokens (first sighting initialises)", bank="ema-0.99"),
+    Probe("bank-seed-0.999", "gap 7", "bank: seed's zero-initialised EMA 0.999 of training-step tokens", bank="seed-ema-0.999"),
+    Probe("overlap-0", "gap 9", "overlap 0", {"overlap": 0.0}),
+    Probe("uniform-blend", "gap 9", "overlaps averaged (no Gaussian)", {"gaussian_sigma_scale": 1e3}),
+    Probe("full-strategy", "gap 9", "every overlapping window (no coarse-to-fine)", {"strategy": "full"}),
+    Probe("window-24", "window size", "24^3", window=24),
+    Probe("window-48", "window size", "48^3", window=48),
+    Probe("ensemble-3", "references", "context ensemble of 3 references", references=3),
+]
+
+
+@dataclass(frozen=True)
+class Mini:
+    """The mini-benchmark's budget."""
+
+    steps: int = 200
+    crop: int = 32
+    val_episodes: int = VAL_EPISODES
+    volume_targets: dict = field(default_factory=lambda: dict(VOLUME_TARGETS))
+    bank_crops: int = 4
+    memory_steps: int = 3  # training steps of a throw-away copy over which the peak memory is taken
+    quick: bool = False
+
+
+QUICK = Mini(steps=1, crop=16, val_episodes=2, volume_targets={"synA": 1, "synB": 1}, bank_crops=1, memory_steps=1, quick=True)
+
+
+def tiny_config(mini: Mini, variant: Variant, train_cases: list[Case]) -> BundleConfig:
+    cfg = BundleConfig.load(ROOT / "Resources" / "Configs" / "tiny.yaml")
+    crop = (mini.crop,) * 3
+    training = dict(variant.training)
+    if training.get("dataset_weights") == "by-size":
+        counts: dict[str, int] = {}
+        for c in train_cases:
+            counts[c.dataset] = counts.get(c.dataset, 0) + 1
+        training["dataset_weights"] = {d: n / len(train_cases) for d, n in counts.items()}
+    tc = replace(cfg.training, crop=crop, warmup_steps=max(1, mini.steps // 6), **training)
+    from IrisSegmentLib.training.sampler import DEFAULT_WEIGHTS
+
+    unknown = {c.dataset: 1.0 for c in train_cases if c.dataset not in DEFAULT_WEIGHTS}  # quick mode's synthetic sets
+    tc = replace(tc, dataset_weights={**unknown, **tc.dataset_weights, "shapes": 0.0})  # the collections only
+    model = replace(cfg.model, window=crop, spacing=(variant.spacing,) * 3, **variant.model)
+    model.validate()
+    return BundleConfig(model, replace(cfg.inference, cpu_precision="fp32"), tc)
+
+
+# -- data -------------------------------------------------------------------------------------------
+def _cache_dir(work: Path, spacing: float) -> Path:
+    return work / "data" / f"{spacing:g}mm"
+
+
+def prepare_data(packed: Path, work: Path, spacing: float) -> Path:
+    """The mini-benchmark's cases as uncompressed .npy files (memory-mapped by every run), resampled
+    to `spacing` (image trilinear, label nearest) from the packed 1.5 mm cache; made once."""
+    out = _cache_dir(work, spacing)
+    if (out / "index.json").is_file():
+        return out
+    from IrisSegmentLib.training.data import load
+
+    tmp = out.with_name(out.name + ".tmp")
+    index = []
+    for split in ("train", "val"):
+        for c in load(packed, split):
+            if c.dataset not in DATASETS:
+                continue
+            label, image = c.label, c.image.astype(np.float32)
+            if spacing != 1.5:  # the packed cache is on the 1.5 mm working grid
+                size = [max(1, round(n * 1.5 / spacing)) for n in label.shape]
+                image = torch.nn.functional.interpolate(torch.from_numpy(image)[None, None], size=size, mode="trilinear",
+                                                        align_corners=False)[0, 0].numpy()
+                label = torch.nn.functional.interpolate(torch.from_numpy(label.astype(np.float32))[None, None], size=size,
+                                                        mode="nearest")[0, 0].numpy().astype(np.uint8)
+            d = tmp / split / c.dataset / c.case_id
+            d.mkdir(parents=True, exist_ok=True)
+            np.save(d / "label.npy", np.ascontiguousarray(label))
+            np.save(d / "image.npy", np.ascontiguousarray(image.astype(np.float16)))
+            np.save(d / "values.npy", c.values)
+            index.append({"split": split, "dataset": c.dataset, "id": c.case_id, "group": c.group,
+                          "dir": str(d.relative_to(tmp))})
+    (tmp / "index.json").write_text(json.dumps(index))
+    tmp.rename(out)
+    return out
+
+
+def load_cases(cache: Path, split: str) -> list[Case]:
+    out = []
+    for e in json.loads((cache / "index.json").read_text()):
+        if e["split"] == split:
+            d = cache / e["dir"]
+            out.append(Case(e["dataset"], e["id"], e["group"], np.load(d / "label.npy", mmap_mode="r"),
+                            np.load(d / "values.npy"), np.load(d / "image.npy", mmap_mode="r")))
+    return out
+
+
+def synthetic_cases(split: str) -> list[Case]:
+    """Quick mode: two small synthetic collections (random shapes, one intensity table each)."""
+    from IrisSegmentLib.training import synth
+
+    out = []
+    for di, name in enumerate(("synA", "synB")):
+        g = torch.Generator().manual_seed(100 * di + (0 if split == "train" else 7))
+        means, stds = torch.tensor([0.1, 0.5, 0.9]) + 0.05 * di, torch.full((3,), 0.03)
+        for i in range(4 if split == "train" else 2):
+            lab = synth.random_shapes((24, 24, 24) if split == "train" else (16, 16, 16), 2, g)
+            present = sorted(int(v) for v in torch.unique(lab))
+            if present != [0, 1, 2]:
+                lab[2:6, 2:6, 2:6], lab[10:14, 10:14, 10:14] = 1, 2  # both classes, always
+            img = synth.render(lab, means, stds, g)
+            out.append(Case(name, f"{name}{i}", f"{name}{i}", lab.numpy(), np.array([0, 1, 2], np.int32),
+                            img.numpy().astype(np.float16)))
+    return out
+
+
+# -- memory -----------------------------------------------------------------------------------------
+def _status(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return math.nan
+
+
+def reset_peak() -> float:
+    """Resets the peak resident memory to the current one (Linux); returns the current MiB."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return _status("VmRSS")
+
+
+def peak_mib() -> float:
+    return _status("VmHWM")
+
+
+# -- one training run -------------------------------------------------------------------------------
+def val_batches(cfg: BundleConfig, val_cases: list[Case], mini: Mini) -> list[dict]:
+    """The fixed validation episodes: the design's sampler, no augmentation, seed VAL_SEED."""
+    from IrisSegmentLib.training.sampler import EpisodeSampler, episodes, real_only
+
+    return episodes(EpisodeSampler(val_cases, real_only(cfg.training), seed=VAL_SEED, augment_images=False),
+                    mini.val_episodes, cfg.training.batch_size)
+
+
+class TokenBanks:
+    """The memory-bank alternatives of gap 7, filled from the live network's tokens at every training step."""
+
+    def __init__(self):
+        from IrisSegmentLib.inference.task import MemoryBank
+
+        self.ema = MemoryBank(0.99)  # first sighting initialises (the bundled bank's history)
+        self.seed: dict[str, torch.Tensor] = {}  # the seed's: zero start, a = 0.999
+        self.last: torch.Tensor | None = None
+
+    def hook(self, module, inputs, output):
+        self.last = output.detach().float()
+
+    def update(self, batch: dict) -> None:
+        for i, names in enumerate(batch["names"]):
+            for j, n in enumerate(names):
+                if n and batch["valid"][i, j]:
+                    t = self.last[i, j]
+                    self.ema.update(n, t)
+                    self.seed[n] = 0.999 * self.seed.get(n, torch.zeros_like(t)) + 0.001 * t
+
+
+def train_run(variant: Variant, seed: int, mini: Mini, train_cases: list[Case], val_cases: list[Case],
+              design_val: list[dict], work: Path) -> dict:
+    """Trains one (variant, seed) with the mini-benchmark budget; returns its row and saves the EMA weights."""
+    from safetensors.torch import save_file
+
+    from IrisSegmentLib.training.sampler import EpisodeSampler, collate
+    from IrisSegmentLib.training.train import lr_at, train_step, validate
+
+    cfg = tiny_config(mini, variant, train_cases)
+    tc = replace(cfg.training, seed=seed)
+    torch.manual_seed(seed)
+    model = IrisModel(cfg.model)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    sampler = EpisodeSampler(train_cases, tc, seed)
+    # peak memory of a training step: a throw-away copy, 3 steps on one batch
+    probe_batch = collate([EpisodeSampler(train_cases, tc, 999).sample() for _ in range(tc.batch_size)])
+    scratch = copy.deepcopy(model)
+    scratch_opt = torch.optim.AdamW(scratch.parameters(), lr=tc.lr)
+    before = reset_peak()
+    for _ in range(mini.memory_steps):
+        train_step(scratch, scratch_opt, probe_batch, tc.lr, tc.grad_clip, "cpu")
+    step_peak = peak_mib() - before
+    del scratch, scratch_opt
+    banks = TokenBanks() if variant.key == "design" else None
+    handle = model.task_encoder.register_forward_hook(banks.hook) if banks else None
+    times, losses = [], []
+    ema_p, model_p = list(ema.parameters()), list(model.parameters())
+    for step in range(mini.steps):
+        batch = collate([sampler.sample() for _ in range(tc.batch_size)])
+        t0 = time.perf_counter()
+        losses.append(float(train_step(model, opt, batch, lr_at(step, tc), tc.grad_clip, "cpu")))
+        times.append(time.perf_counter() - t0)
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_p, model_p, 1 - tc.ema_decay)
+            for be, bm in zip(ema.buffers(), model.buffers()):
+                be.copy_(bm)
+        if banks:
+            banks.update(batch)
+    if handle:
+        handle.remove()
+    row = {"key": variant.key, "seed": seed, "steps": mini.steps, "params": sum(p.numel() for p in model.parameters()),
+           "step_s": float(np.median(times)), "peak_mib": step_peak, "final_loss": float(np.mean(losses[-20:]))}
+    if variant.spacing == DESIGN.spacing:  # episodes are at 1.5 mm: comparable across rows
+        per = validate(ema, design_val, "cpu")
+        row["episode_dice"] = float(np.mean(list(per.values())))
+        row["episode_per"] = per
+    ema_state = {k: v.detach().contiguous() for k, v in ema.state_dict().items()}
+    weights = work / "models" / f"{variant.key}-s{seed}.safetensors"
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    save_file(ema_state, str(weights))
+    if banks:
+        torch.save({"ema-0.99": banks.ema.embeddings, "seed-ema-0.999": banks.seed}, weights.with_suffix(".banks.pt"))
+    if variant.volume:
+        probes = PROBES if variant.key == "design" else PROBES[:1]
+        row["probes"] = {p.key: volume_dice(ema, cfg, p, train_cases, val_cases, mini, weights) for p in probes}
+        row["volume_dice"] = row["probes"]["engine"]["dice"]
+    return row
+
+
+ARCH_STEPS = 5
+
+
+def arch_cost(key: str, mini: Mini) -> dict:
+    """Parameters, CPU seconds per training step (median of ARCH_STEPS after a first one; process CPU time,
+    so other jobs on the machine do not count) and peak memory of training steps (above the resident memory
+    before the first; the optimiser state included) of one variant, on a fixed batch of the variant's shapes
+    (synthetic images: the cost depends on the shapes only). Run in a fresh process."""
+    from IrisSegmentLib.training.sampler import EpisodeSampler, collate
+    from IrisSegmentLib.training.train import train_step
+
+    torch.set_num_threads(1)
+    variant = next(v for v in TRAINED + SENSITIVITY if v.key == key)
+    cases = synthetic_cases("train")
+    cfg = tiny_config(mini, variant, cases)
+    sampler = EpisodeSampler(cases, cfg.training, 0)
+    batch = collate([sampler.sample() for _ in range(cfg.training.batch_size)])
+    torch.manual_seed(0)
+    model = IrisModel(cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.training.lr)
+    base = reset_peak()
+    times = []
+    for _ in range(1 + (1 if mini.quick else ARCH_STEPS)):
+        c0 = time.process_time()
+        train_step(model, opt, batch, cfg.training.lr, cfg.training.grad_clip, "cpu")
+        times.append(time.process_time() - c0)
+    return {"key": key, "params": sum(p.numel() for p in model.parameters()), "step_cpu_s": float(np.median(times[1:])),
+            "peak_mib": peak_mib() - base, "classes": int(batch["valid"].shape[1])}
+
+
+def run_arch_costs(work: Path, mini: Mini, log) -> None:
+    for v in TRAINED + SENSITIVITY:
+        f = work / "arch" / f"{v.key}.json"
+        if f.is_file():
+            continue
+        if mini.quick:
+            r = arch_cost(v.key, mini)
+        else:
+            cmd = [sys.executable, __file__, "--arch-cost", v.key, "--steps", str(mini.steps)]
+            p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+            if p.returncode:
+                log(f"arch cost {v.key}: FAILED: {p.stderr.strip()[-1500:]}")
+                continue
+            r = json.loads(p.stdout.strip().splitlines()[-1])
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps(r))
+        log(f"arch cost {v.key}: {json.dumps(r)}")
+
+
+# -- the engine on whole validation volumes -------------------------------------------------------------
+def volume_pairs(val_cases: list[Case], mini: Mini) -> list[tuple[Case, list[Case]]]:
+    """(target, references from three other subjects), fixed: per collection the first case of each
+    subject in order; subject i is segmented with subjects i+1, i+2, i+3 as references."""
+    out = []
+    for dataset, n in mini.volume_targets.items():
+        firsts: dict[str, Case] = {}
+        for c in val_cases:
+            if c.dataset == dataset and c.group not in firsts:
+                firsts[c.group] = c
+        subjects = list(firsts.values())
+        for i in range(min(n, len(subjects))):
+            refs = [subjects[(i + j) % len(subjects)] for j in (1, 2, 3)]
+            out.append((subjects[i], [r for r in refs if r.group != subjects[i].group] or refs))
+    return out
+
+
+VOLUME_MARGIN = 8  # voxels (12 mm) kept around the labelled region of a validation volume
+
+
+def _volume(case: Case, spacing: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, affine, label values) of a case: its labelled region plus VOLUME_MARGIN voxels (the packed
+    cases keep 48 mm; the tighter crop keeps the CPU cost of the engine rows affordable)."""
+    label = np.asarray(case.label)
+    fg = np.argwhere(label > 0)
+    sl = tuple(slice(max(int(a) - VOLUME_MARGIN, 0), int(b) + VOLUME_MARGIN + 1) for a, b in zip(fg.min(0), fg.max(0)))
+    affine = np.diag([spacing] * 3 + [1.0])
+    return np.asarray(case.image[sl], dtype=np.float32), affine, case.values[label[sl]]
+
+
+def _bank(kind: str, model, cfg: BundleConfig, train_cases: list[Case], mini: Mini, weights: Path):
+    from IrisSegmentLib.inference.task import MemoryBank
+    from IrisSegmentLib.training.bank import bank_batches, fill_bank
+
+    if kind == "export-mean":
+        return fill_bank(model, bank_batches(train_cases, cfg.training, mini.bank_crops), cfg.training.bank_momentum, "")
+    bank = MemoryBank()
+    bank.embeddings = torch.load(weights.with_suffix(".banks.pt"))[kind]
+    return bank
+
+
+def volume_dice(model, cfg: BundleConfig, probe: Probe, train_cases, val_cases, mini: Mini, weights: Path) -> dict:
+    """Mean Dice per collection (then over collections) of the engine on the fixed validation volumes
+    (Dice on the 1.5 mm packed grid, whatever the working spacing); seconds of segmentation."""
+    from IrisSegmentLib import Segmenter, TaskEmbedding
+
+    inf = replace(cfg.inference, **probe.inference)
+    m = cfg.model if probe.window is None else replace(cfg.model, window=(probe.window,) * 3)
+    seg = Segmenter(model, BundleConfig(m, inf, cfg.training), "cpu")
+    bank = _bank(probe.bank, model, cfg, train_cases, mini, weights) if probe.bank else None
+    if bank is not None:
+        bank.model_id = seg.model_id
+    per: dict[str, list[float]] = {}
+    seconds = 0.0
+    for target, refs in volume_pairs(val_cases, mini):
+        image, affine, truth = _volume(target, 1.5)
+        labels = [int(v) for v in np.unique(truth) if v]
+        if bank is not None:  # a class the bank never saw cannot be segmented from it: Dice 0
+            have = [v for v in labels if f"{target.dataset}:{v}" in bank.embeddings]
+            per.setdefault(target.dataset, []).extend([0.0] * (len(labels) - len(have)))
+            if not have:
+                continue
+            task = bank.task([f"{target.dataset}:{v}" for v in have], have)
+        else:
+            tasks = []
+            for ref in refs[: probe.references]:
+                rimg, raff, rlab = _volume(ref, 1.5)
+                tasks.append(seg.encode(rimg, raff, rlab, labels=[v for v in labels if (rlab == v).any()],
+                                        modality="mr", confidence=False))
+            task = TaskEmbedding.ensemble(tasks)
+        t0 = time.process_time()
+        res = seg.segment(image, affine, task, modality="mr", confidence=False)
+        seconds += time.process_time() - t0
+        for v in task.labels:
+            p, t = res.label_map == v, truth == v
+            per.setdefault(target.dataset, []).append(2 * float((p & t).sum()) / max(float(p.sum() + t.sum()), 1.0))
+    means = {k: float(np.mean(v)) for k, v in sorted(per.items())}
+    return {"dice": float(np.mean(list(means.values()))) if means else math.nan, "per": means, "seconds": seconds}
+
+
+# -- scheduling ------------------------------------------------------------------------------------------
+def result_path(work: Path, key: str, seed: int) -> Path:
+    return work / "results" / f"{key}-s{seed}.json"
+
+
+def child_main(key: str, seed: int, mini: Mini, packed: Path, work: Path) -> None:
+    torch.set_num_threads(1)
+    variant = next(v for v in TRAINED + SENSITIVITY if v.key == key)
+    lock = result_path(work, key, seed).with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text(str(os.getpid()))
+    if mini.quick:
+        train_cases, val_cases = synthetic_cases("train"), synthetic_cases("val")
+        val_15 = val_cases
+    else:
+        cache = prepare_data(packed, work, variant.spacing)
+        train_cases, val_cases = load_cases(cache, "train"), load_cases(cache, "val")
+        val_15 = load_cases(prepare_data(packed, work, 1.5), "val")
+    design_val = val_batches(tiny_config(mini, DESIGN, train_cases), val_15, mini)
+    t0 = time.time()
+    # the engine is always evaluated on the 1.5 mm volumes (the spacing rows resample them themselves)
+    row = train_run(variant, seed, mini, train_cases, val_15, design_val, work)
+    row["wall_s"] = time.time() - t0
+    out = result_path(work, key, seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row, indent=1))
+    tmp.replace(out)
+    lock.unlink(missing_ok=True)
+
+
+def todo(parts: list[str], seeds: list[int]) -> list[tuple[str, int]]:
+    """(variant, seed): the gap rows, seed by seed, before the sensitivity rows."""
+    order = []
+    gaps = [v.key for v in TRAINED] if "ablations" in parts else []
+    sens = [v.key for v in SENSITIVITY] if "sensitivity" in parts else []
+    if sens and not gaps:
+        gaps = [DESIGN.key]
+    for s in seeds:  # the nine gaps with every seed first, then the sensitivity grid
+        order += [(k, s) for k in gaps]
+    for s in seeds:
+        order += [(k, s) for k in sens]
+    return order
+
+
+def _running_elsewhere(work: Path, key: str, seed: int) -> bool:
+    """A run that another invocation has started and whose process is still alive."""
+    lock = result_path(work, key, seed).with_suffix(".lock")
+    try:
+        os.kill(int(lock.read_text()), 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def run_all(pairs: list[tuple[str, int]], mini: Mini, packed: Path, work: Path, jobs: int, log) -> None:
+    pending = [(k, s) for k, s in pairs if not result_path(work, k, s).is_file() and not _running_elsewhere(work, k, s)]
+    log(f"{len(pairs) - len(pending)} of {len(pairs)} runs already done or running elsewhere")
+    if mini.quick:
+        for k, s in pending:
+            child_main(k, s, mini, packed, work)
+        return
+    for sp in sorted({v.spacing for v in TRAINED + SENSITIVITY if any(v.key == k for k, _ in pending)} | {1.5}):
+        prepare_data(packed, work, sp)
+    running: list[tuple[subprocess.Popen, str, int, float]] = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    while pending or running:
+        while pending and len(running) < jobs:
+            k, s = pending.pop(0)
+            cmd = [sys.executable, __file__, "--child", k, "--child-seed", str(s), "--steps", str(mini.steps),
+                   "--data", str(packed), "--work", str(work)]
+            running.append((subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), k, s, time.time()))
+        time.sleep(1)
+        for item in list(running):
+            p, k, s, t0 = item
+            if p.poll() is not None:
+                running.remove(item)
+                out = p.stdout.read().strip()
+                if p.returncode:
+                    log(f"run {k} seed {s}: FAILED (exit {p.returncode}): {out[-2000:]}")
+                else:
+                    log(f"run {k} seed {s}: done in {time.time() - t0:.0f} s")
+
+
+# -- tables ---------------------------------------------------------------------------------------------
+def rows_of(work: Path) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for f in sorted((work / "results").glob("*.json")):
+        r = json.loads(f.read_text())
+        out.setdefault(r["key"], []).append(r)
+    return out
+
+
+def _ms(values: list[float]) -> tuple[float, float, int]:
+    v = [x for x in values if x is not None and not math.isnan(x)]
+    if not v:
+        return math.nan, math.nan, 0
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else math.nan, len(v)
+
+
+def _fmt(m: float, s: float, n: int, scale: float = 100.0) -> str:
+    if n == 0:
+        return "owed"
+    return f"{m * scale:.1f} ± {s * scale:.1f}" if n > 1 else f"{m * scale:.1f} (1 seed)"
+
+
+def _arch_columns(arch: dict, key: str, params: bool = True) -> str:
+    """'parameters | CPU s / step | peak MiB' of a variant (its fixed-batch measurement), or dashes."""
+    a = arch.get(key)
+    cols = [f"{a['params']:,}", f"{a['step_cpu_s']:.3f}", f"{a['peak_mib']:.0f}"] if a else ["—", "—", "—"]
+    return " | ".join(cols if params else cols[1:])
+
+
+def verdict(name_a: str, a: list[float], name_b: str, b: list[float], paired: bool) -> str:
+    """`a` the design, `b` the alternative (Dice per seed, same seeds in the same order when paired)."""
+    if paired:
+        n = min(len(a), len(b))
+        d = [y - x for x, y in zip(a[:n], b[:n])]
+        diff, sd, k = _ms(d)
+        noise = sd
+    else:
+        (ma, sa, na), (mb, sb, nb) = _ms(a), _ms(b)
+        diff, k = mb - ma, min(na, nb)
+        noise = math.sqrt((sa**2 + sb**2) / 2) if na > 1 and nb > 1 else math.nan
+    if k < 2 or math.isnan(noise):
+        return f"{name_b} vs {name_a}: {diff * 100:+.1f} Dice points, seeds too few to judge noise" if k else f"{name_b}: owed"
+    if diff == 0 and noise == 0:
+        return f"{name_b} vs {name_a}: identical on every seed"
+    if abs(diff) < 5e-4 and noise < 5e-4:
+        return f"{name_b} vs {name_a}: equal to within 0.05 Dice points on every seed"
+    if abs(diff) <= 2 * noise:
+        return f"{name_b} vs {name_a}: {diff * 100:+.1f} Dice points, within noise (2 sd = {2 * noise * 100:.1f})"
+    better = name_a if diff < 0 else name_b
+    return f"{name_b} vs {name_a}: {diff * 100:+.1f} Dice points (2 sd = {2 * noise * 100:.1f}): {better} better"
+
+
+def tables(work: Path, seeds: list[int]) -> tuple[str, dict]:
+    """The markdown of the ablation and sensitivity results, and the summary that the plots use."""
+    rows = rows_of(work)
+    arch = {f.stem: json.loads(f.read_text()) for f in sorted((work / "arch").glob("*.json"))}
+    design = sorted(rows.get("design", []), key=lambda r: r["seed"])
+    lines = ["| gap | variant | seeds | episode Dice % (mean ± sd) | volume Dice % | parameters | CPU s / step | peak MiB (train steps) |",
+             "|---|---|---|---|---|---|---|---|"]
+    summary = {}
+
+    def trained_row(v: Variant, group: str) -> None:
+        rs = sorted(rows.get(v.key, []), key=lambda r: r["seed"])
+        ep, vol = _ms([r.get("episode_dice", math.nan) for r in rs]), _ms([r.get("volume_dice", math.nan) for r in rs])
+        cost = _arch_columns(arch, v.key)
+        lines.append(f"| {group} | {v.label} | {len(rs)} | {_fmt(*ep) if ep[2] else '—' if rs else 'owed'} | "
+                     f"{(_fmt(*vol) if vol[2] else '—') if rs else 'owed' if v.volume else '—'} | {cost} |")
+        summary[v.key] = {"label": v.label, "group": group, "episode": ep, "volume": vol}
+
+    def probe_row(p: Probe) -> None:
+        vals = [r["probes"][p.key]["dice"] for r in design if p.key in r.get("probes", {})]
+        ms = _ms(vals)
+        lines.append(f"| {p.group} | {p.label} | {ms[2]} | (design's networks) | {_fmt(*ms) if ms[2] else 'owed'} | "
+                     f"(design's) | (engine: see cost) | — |")
+        summary[p.key] = {"label": p.label, "group": p.group, "volume": ms}
+
+    trained_row(DESIGN, "design")
+    for g in range(1, 10):
+        for v in TRAINED[1:]:
+            if v.group == f"gap {g}":
+                trained_row(v, v.group)
+        for p in PROBES[1:]:
+            if p.group == f"gap {g}":
+                probe_row(p)
+    ablation_md = "\n".join(lines)
+    # verdicts
+    dv = [r.get("episode_dice", math.nan) for r in design]
+    dvol = [r.get("probes", {}).get("engine", {}).get("dice", math.nan) for r in design]
+    verdicts = []
+    for g in range(1, 10):
+        parts = []
+        for v in TRAINED[1:]:
+            if v.group == f"gap {g}":
+                rs = sorted(rows.get(v.key, []), key=lambda r: r["seed"])
+                parts.append(verdict("design", dv, v.label, [r.get("episode_dice", math.nan) for r in rs], paired=False))
+        for p in PROBES[1:]:
+            if p.group == f"gap {g}":
+                if p.bank:
+                    ref = "export-mean" if p.bank != "export-mean" else None
+                    if ref is None:
+                        continue
+                    base = [r["probes"]["bank-export-mean"]["dice"] for r in design if "probes" in r]
+                    name = "design bank"
+                else:
+                    base, name = dvol, "design engine"
+                parts.append(verdict(name, base, p.label, [r.get("probes", {}).get(p.key, {}).get("dice", math.nan) for r in design], paired=True))
+        verdicts.append(f"- **Gap {g} ({GAPS[g]})**: " + "; ".join(parts) + ".")
+    # sensitivity
+    sl = ["| parameter | value | seeds | episode Dice % | volume Dice % | CPU s / step | peak MiB |", "|---|---|---|---|---|---|---|"]
+    for name in ("learning rate", "context queries m", "working spacing"):
+        rs = design
+        ep, vol = _ms([r.get("episode_dice", math.nan) for r in rs]), _ms([r.get("volume_dice", math.nan) for r in rs])
+        sl.append(f"| {name} | {DESIGN_VALUES[name]} (design) | {len(rs)} | {_fmt(*ep) if ep[2] else 'owed'} | "
+                  f"{_fmt(*vol) if vol[2] else 'owed'} | {_arch_columns(arch, 'design', params=False)} |")
+        for v in SENSITIVITY:
+            if v.group == name:
+                rs = sorted(rows.get(v.key, []), key=lambda r: r["seed"])
+                ep, vol = _ms([r.get("episode_dice", math.nan) for r in rs]), _ms([r.get("volume_dice", math.nan) for r in rs])
+                sl.append(f"| {name} | {v.label} | {len(rs)} | {_fmt(*ep) if ep[2] else ('—' if rs or v.volume else 'owed')} | "
+                          f"{(_fmt(*vol) if vol[2] else '—') if rs or not v.volume else 'owed'} | {_arch_columns(arch, v.key, params=False)} |")
+                summary[v.key] = {"label": v.label, "group": name, "episode": ep, "volume": vol}
+                if ep[2]:
+                    verdicts.append(f"- {name}: " + verdict("design", dv, v.label, [r.get("episode_dice", math.nan) for r in rs], paired=False) + ".")
+                elif vol[2]:
+                    verdicts.append(f"- {name}: " + verdict("design (volume)", dvol, v.label, [r.get("volume_dice", math.nan) for r in rs], paired=False) + ".")
+    for name in ("window size", "references"):
+        vol = _ms(dvol)
+        sl.append(f"| {name} | {DESIGN_VALUES[name]} (design) | {vol[2]} | (design's networks) | {_fmt(*vol) if vol[2] else 'owed'} | — | — |")
+        for p in PROBES:
+            if p.group == name:
+                vals = [r.get("probes", {}).get(p.key, {}).get("dice", math.nan) for r in design]
+                ms = _ms(vals)
+                sl.append(f"| {name} | {p.label} | {ms[2]} | (design's networks) | {_fmt(*ms) if ms[2] else 'owed'} | — | — |")
+                summary[p.key] = {"label": p.label, "group": name, "volume": ms}
+                verdicts.append(f"- {name}: " + verdict("design engine", dvol, p.label, vals, paired=True) + ".")
+    summary["design"]["volume"] = _ms(dvol)
+    return ablation_md + "\n\n" + "\n".join(verdicts), {"sensitivity_md": "\n".join(sl), "summary": summary}
+
+
+# -- cost against input size ---------------------------------------------------------------------------
+def _blob_reference(n_classes: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A reference with `n_classes` boxes of distinct intensity on a graded background (1.5 mm)."""
+    rng = np.random.default_rng(seed)
+    img = (100 + 20 * rng.standard_normal((size,) * 3)).astype(np.float32)
+    lab = np.zeros((size,) * 3, np.uint8)
+    per = math.ceil(n_classes ** (1 / 3))
+    cell = size // per
+    for c in range(n_classes):
+        i, j, k = c // (per * per), (c // per) % per, c % per
+        sl = tuple(slice(a * cell + cell // 4, a * cell + 3 * cell // 4) for a in (i, j, k))
+        lab[sl] = c + 1
+        img[sl] += 300 + 25 * c
+    return img, np.diag([1.5, 1.5, 1.5, 1.0]), lab
+
+
+def _target(shape) -> tuple[np.ndarray, np.ndarray]:
+    """int16 target at 1.5 mm (working grid = target grid): bright boxes on a graded, noisy background."""
+    rng = np.random.default_rng(1)
+    image = np.empty(shape, np.int16)
+    for i in range(shape[0]):
+        image[i] = (100 + (i % 50) + 20 * rng.standard_normal(shape[1:])).astype(np.int16)
+    c = [n // 2 for n in shape]
+    r = [max(2, n // 8) for n in shape]
+    image[c[0] - r[0]:c[0] + r[0], c[1] - r[1]:c[1] + r[1], c[2] - r[2]:c[2] + r[2]] += 300
+    return image, np.diag([1.5, 1.5, 1.5, 1.0])
+
+
+def _segmenter(quick: bool, **model_overrides):
+    from IrisSegmentLib import Segmenter
+    from IrisSegmentLib.weights import load_model
+
+    if quick:
+        cfg = BundleConfig.load(ROOT / "Resources" / "Configs" / "tiny.yaml")
+        torch.manual_seed(0)
+        state = IrisModel(cfg.model).state_dict()
+    else:
+        m, cfg, _ = load_model(None)
+        state = m.state_dict()
+    cfg = replace(cfg, model=replace(cfg.model, **model_overrides))
+    model = IrisModel(cfg.model)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return Segmenter(model, cfg, "cpu"), cfg
+
+
+def cost_row(kind: str, value: str, quick: bool) -> dict:
+    """One cost measurement in this process (fresh, in the full run): seconds and peak memory."""
+    torch.set_num_threads(1)
+    if kind == "train-memory":  # one training step of a network of the given size, batch 1, K = 4, fp32
+        from IrisSegmentLib.training.train import train_step
+
+        size, crop = value.split("@")
+        cfg = BundleConfig.load(ROOT / "Resources" / "Configs" / ("tiny.yaml" if quick else "iris-small.yaml"))
+        mc = cfg.model if size == "product" else replace(
+            cfg.model, widths=(32, 64, 128, 256, 512), heads=16, num_queries=10, head_channels=32)  # paper size
+        n = int(crop)
+        mc = replace(mc, window=(n,) * 3)
+        model = IrisModel(mc)
+        params = sum(p.numel() for p in model.parameters())
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        g = torch.Generator().manual_seed(0)
+        b = {"ref_image": torch.randn(1, 1, n, n, n, generator=g), "query_image": torch.randn(1, 1, n, n, n, generator=g),
+             "ref_masks": (torch.rand(1, 4, n, n, n, generator=g) > 0.9).float(), "valid": torch.ones(1, 4, dtype=torch.bool)}
+        b["query_masks"] = b["ref_masks"]
+        base = reset_peak()
+        t0 = time.process_time()
+        train_step(model, opt, b, 1e-4, 1.0, "cpu")
+        return {"kind": kind, "value": value, "params": params, "seconds": time.process_time() - t0,
+                "base_mib": base, "peak_mib": peak_mib(), "extra_mib": peak_mib() - base}
+    if kind == "pooling":  # gap 2 at scale: the foreground token of K = 4 masks, one reference, forward
+        from IrisSegmentLib.model.foreground_pooling import foreground_pool, upsample_then_pool
+
+        method, size = value.split("@")
+        c, n = (int(x) for x in size.split("x"))
+        g = torch.Generator().manual_seed(0)
+        feats = torch.randn(1, c, n // 16, n // 16, n // 16, generator=g)
+        masks = (torch.rand(1, 4, n, n, n, generator=g) > 0.95).float()
+        fn = foreground_pool if method == "adjoint" else upsample_then_pool
+        base = reset_peak()
+        t0 = time.process_time()
+        with torch.no_grad():
+            out = fn(feats, masks)
+        seconds = time.process_time() - t0
+        return {"kind": kind, "value": value, "seconds": seconds, "base_mib": base, "peak_mib": peak_mib(),
+                "extra_mib": peak_mib() - base, "checksum": float(out.double().sum())}
+    over = {"class_interaction": "independent"} if kind == "spread" and value.startswith("per-class") else {}
+    seg, cfg = _segmenter(quick, **over)
+    from IrisSegmentLib import TaskEmbedding
+
+    win = cfg.model.window[0]
+    n_classes, n_refs, shape, strategy, overlap = 4, 1, ((win if quick else 2 * win),) * 3, "full", None
+    if kind == "size":
+        shape = tuple(int(x) for x in value.split("x"))
+    elif kind == "classes":
+        n_classes = int(value)
+    elif kind == "references":
+        n_refs = int(value)
+    elif kind == "spread":  # "strategy/overlap" or "per-class/overlap"
+        s, o = value.split("/")
+        strategy, overlap = ("full" if s == "per-class" else s), float(o)
+    ref_size = max(win, 16 * math.ceil(n_classes ** (1 / 3))) if not quick else win
+    # warm-up (the network's working memory belongs to the base): one small target
+    warm = _blob_reference(1, win, 5)
+    seg.segment(warm[0], warm[1], seg.encode(*warm, confidence=False), confidence=False, strategy="full")
+    image, affine = _target(shape)
+    refs = [_blob_reference(n_classes, ref_size, seed=r) for r in range(n_refs)]
+    base = reset_peak()
+    w0, c0 = time.perf_counter(), time.process_time()
+    task = TaskEmbedding.ensemble([seg.encode(*r, confidence=False) for r in refs])
+    encode_s, encode_wall = time.process_time() - c0, time.perf_counter() - w0
+    w0, c0 = time.perf_counter(), time.process_time()
+    res = seg.segment(image, affine, task, confidence=False, strategy=strategy, overlap=overlap)
+    segment_s, segment_wall = time.process_time() - c0, time.perf_counter() - w0
+    return {"kind": kind, "value": value, "shape": "x".join(map(str, shape)), "classes": n_classes, "references": n_refs,
+            "windows": res.windows, "encode_s": encode_s, "segment_s": segment_s, "encode_wall_s": encode_wall,
+            "segment_wall_s": segment_wall,
+            "voxels": int(np.prod(shape)), "base_mib": base, "peak_mib": peak_mib(), "extra_mib": peak_mib() - base,
+            "precision": "bf16" if seg.cpu_bf16 else "fp32"}
+
+
+COST_FULL = {
+    "size": ["64x64x64", "96x96x96", "128x128x128", "192x192x192", "256x256x256", "384x384x300", "512x512x300"],
+    "classes": ["1", "2", "4", "8", "16", "32"],
+    "references": ["1", "2", "4", "8"],
+    "spread": ["coarse-to-fine/0.5", "full/0", "full/0.25", "full/0.5", "full/0.75", "per-class/0.5"],
+    "train-memory": ["product@48", "product@64", "paper@64", "paper@96"],
+    "pooling": ["adjoint@128x64", "upsample-then-pool@128x64", "adjoint@512x128", "upsample-then-pool@512x128"],
+}
+COST_QUICK = {"size": ["16x16x16", "32x32x32"], "classes": ["1", "2"], "references": ["1", "2"],
+              "spread": ["coarse-to-fine/0.5", "per-class/0.5"], "train-memory": ["product@16"],
+              "pooling": ["adjoint@8x32", "upsample-then-pool@8x32"]}
+STOP_SECONDS = 120.0  # a size row needing more CPU seconds than this ends the size sweep
+
+
+def run_cost(work: Path, quick: bool, log) -> dict[str, list[dict]]:
+    """Every cost row, each in a fresh process (in-process with --quick); cached as JSON under work/cost."""
+    rows: dict[str, list[dict]] = {}
+    plan = COST_QUICK if quick else COST_FULL
+    for kind, values in plan.items():
+        for value in values:
+            f = work / "cost" / f"{kind}-{value.replace('/', '_')}.json"
+            if f.is_file():
+                r = json.loads(f.read_text())
+            elif quick:
+                r = cost_row(kind, value, True)
+            else:
+                cmd = [sys.executable, __file__, "--cost-row", kind, value]
+                p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+                if p.returncode:
+                    log(f"cost {kind} {value}: FAILED (exit {p.returncode}): {p.stderr.strip()[-1500:]}")
+                    break
+                r = json.loads(p.stdout.strip().splitlines()[-1])
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(json.dumps(r))
+            rows.setdefault(kind, []).append(r)
+            log(f"cost {kind} {value}: {json.dumps(r)}")
+            if kind == "size" and r.get("segment_s", 0) > STOP_SECONDS:
+                rows.setdefault("stopped", []).append({"after": value, "seconds": r["segment_s"]})
+                break
+    return rows
+
+
+def _fit(x, y) -> tuple[float, float, float]:
+    """Least-squares y = a + b x; returns a, b, R^2."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 2:
+        return math.nan, math.nan, math.nan
+    b, a = np.polyfit(x, y, 1)
+    ss = float(((y - y.mean()) ** 2).sum())
+    r2 = 1 - float(((y - (a + b * x)) ** 2).sum()) / ss if ss > 0 else 1.0
+    return float(a), float(b), r2
+
+
+CT_TARGET = ((512, 512, 300), (0.8, 0.8, 1.5))  # a clinical CT: voxels and spacing, mm
+
+
+def _ct_projection(fits: dict, win: int) -> list[str]:
+    """Windows and fitted CPU seconds of the sliding-window choices on the clinical CT target's working grid
+    (projected from the measured time-per-window fit, not measured)."""
+    from IrisSegmentLib.inference.windows import coarse_tile, tile
+
+    shape, spacing = CT_TARGET
+    work = [max(win, round(n * s / 1.5)) for n, s in zip(shape, spacing)]
+    a, b, _ = fits["time_windows"]
+    per_class = fits.get("per_class_x", math.nan)
+    rows = [(f"full, overlap {o}", len(tile(work, (win,) * 3, o))) for o in (0.0, 0.25, 0.5, 0.75)]
+    rows.insert(0, ("coarse-to-fine covering pass only (nothing found), overlap 0.5", len(coarse_tile(work, (win,) * 3, 0.5))))
+    out = [f"Projected, not measured: the {'x'.join(map(str, shape))} CT at {'x'.join(f'{x:g}' for x in spacing)} mm "
+           f"(working grid {'x'.join(map(str, work))}), CPU seconds from the fit above:", "",
+           "| choice | windows | fitted CPU s |", "|---|---|---|"]
+    out += [f"| {name} | {n} | {a + b * n:.0f} |" for name, n in rows]
+    if not math.isnan(per_class):
+        n = len(tile(work, (win,) * 3, 0.5))
+        out.append(f"| one pass per class, 15 classes, overlap 0.5 | {n} x 15 passes | {(a + b * n) * 15 * per_class / 4:.0f} |")
+    lo = a + b * rows[0][1]
+    hi = (a + b * rows[-1][1]) * (15 * per_class / 4 if not math.isnan(per_class) else 1)
+    fits["ct_spread"] = hi / lo
+    out += ["", f"Spread on this target: {hi / lo:.0f}x between the cheapest and the most expensive choice.", ""]
+    return out
+
+
+def cost_tables(rows: dict[str, list[dict]]) -> tuple[str, dict]:
+    out, fits = [], {}
+    sz = rows.get("size", [])
+    if sz:
+        out += ["| target (1.5 mm, working grid = target) | windows (full tiling) | encode CPU s | segment CPU s | CPU s / window | peak MiB | above base MiB |",
+                "|---|---|---|---|---|---|---|"]
+        out += [f"| {r['shape']} | {r['windows']} | {r['encode_s']:.1f} | {r['segment_s']:.1f} | {r['segment_s'] / max(r['windows'], 1):.2f} | "
+                f"{r['peak_mib']:.0f} | {r['extra_mib']:.0f} |" for r in sz]
+        fits["time_windows"] = _fit([r["windows"] for r in sz], [r["segment_s"] for r in sz])
+        fits["mem_voxels"] = _fit([r["voxels"] / 1e6 for r in sz], [r["extra_mib"] for r in sz])
+        a, b, r2 = fits["time_windows"]
+        a2, b2, r22 = fits["mem_voxels"]
+        out += ["", f"Fit: segment CPU s = {a:.2f} + {b:.3f} x windows (R² {r2:.3f}); memory above base = {a2:.0f} MiB + "
+                f"{b2:.1f} MiB per million target voxels (R² {r22:.3f}). Precision: {sz[0]['precision']}."]
+        for s in rows.get("stopped", []):
+            out.append(f"The size sweep stopped after {s['after']} ({s['seconds']:.0f} s > {STOP_SECONDS:.0f} s); larger targets "
+                       f"follow the fit (windows x {b:.3f} s).")
+        out.append("")
+    for kind, name in (("classes", "classes K"), ("references", "reference images")):
+        rs = rows.get(kind, [])
+        if not rs:
+            continue
+        out += [f"| {name} | target | windows | encode CPU s | segment CPU s | peak MiB | above base MiB |", "|---|---|---|---|---|---|---|"]
+        out += [f"| {r['value']} | {r['shape']} | {r['windows']} | {r['encode_s']:.1f} | {r['segment_s']:.1f} | {r['peak_mib']:.0f} | {r['extra_mib']:.0f} |" for r in rs]
+        x = [int(r["value"]) for r in rs]
+        fits[f"{kind}_segment"] = _fit(x, [r["segment_s"] for r in rs])
+        fits[f"{kind}_encode"] = _fit(x, [r["encode_s"] for r in rs])
+        fits[f"{kind}_mem"] = _fit(x, [r["extra_mib"] for r in rs])
+        a, b, r2 = fits[f"{kind}_segment"]
+        ae, be, r2e = fits[f"{kind}_encode"]
+        am, bm, _ = fits[f"{kind}_mem"]
+        out += ["", f"Fit: segment CPU s = {a:.2f} + {b:.3f} x {name} ({100 * b / a if a else math.nan:.1f} % of the intercept per unit, R² {r2:.3f}); "
+                f"encode CPU s = {ae:.2f} + {be:.2f} x {name} (R² {r2e:.3f}); memory above base {am:.0f} + {bm:.1f} MiB per unit.", ""]
+    sp = rows.get("spread", [])
+    if sp:
+        fastest = min(r["segment_s"] for r in sp)
+        out += ["| sliding-window choice (4 classes) | windows | segment CPU s | x fastest |", "|---|---|---|---|"]
+        out += [f"| {r['value']} | {r['windows']} | {r['segment_s']:.1f} | {r['segment_s'] / fastest:.1f} |" for r in sp]
+        fits["spread"] = max(r["segment_s"] for r in sp) / fastest
+        by = {r["value"]: r for r in sp}
+        line = f"Slowest / fastest: {fits['spread']:.1f}x on {sp[0]['shape']} with 4 classes."
+        if "full/0.5" in by and "per-class/0.5" in by:
+            per_class = by["per-class/0.5"]["segment_s"] / by["full/0.5"]["segment_s"]
+            fits["per_class_x"] = per_class
+            line += (f" One pass per class costs {per_class:.1f}x the joint pass for 4 classes, about {per_class / 4:.2f}x K, "
+                     f"so with the paper's 15 classes about {15 * per_class / 4:.0f}x.")
+        out += ["", line, ""]
+        if "time_windows" in fits and not math.isnan(fits["time_windows"][1]):
+            out += _ct_projection(fits, win=64)
+    pool = rows.get("pooling", [])
+    if pool:
+        out += ["| foreground pooling (gap 2), one reference, K = 4, forward | C x window | CPU s | peak MiB above base | sum of tokens |",
+                "|---|---|---|---|---|"]
+        out += [f"| {r['value'].split('@')[0]} | {r['value'].split('@')[1]}³ | {r['seconds']:.2f} | {r['extra_mib']:.0f} | {r['checksum']:.6g} |"
+                for r in pool]
+        out += ["", "Same tokens (sum column) from both; the upsampled features alone are C x window³ x 4 bytes "
+                "(128 MiB at 128 x 64³, 4 GiB at the paper's 512 x 128³), per reference and again for their gradient in training.", ""]
+    tm = rows.get("train-memory", [])
+    if tm:
+        out += ["| network @ crop (batch 1, K = 4, fp32, one AdamW step) | parameters | CPU s | peak MiB above base |", "|---|---|---|---|"]
+        out += [f"| {r['value']} | {r['params'] / 1e6:.2f} M | {r['seconds']:.1f} | {r['extra_mib']:.0f} |" for r in tm]
+        paper = [r for r in tm if r["value"].startswith("paper")]
+        if len(paper) >= 2:
+            a, b, _ = _fit([int(r["value"].split("@")[1]) ** 3 / 1e6 for r in paper], [r["extra_mib"] for r in paper])
+            fits["paper_train"] = (a, b)
+            est = a + b * 128**3 / 1e6
+            per = (est - a) / 1024
+            b24, b48 = (24 * 1e9 / 2**30 - a / 1024) / per, (48 * 1e9 / 2**30 - a / 1024) / per
+            fits["paper_128"] = (a / 1024, per, b24, b48)
+            out += ["", f"Paper-sized network: {a:.0f} MiB + {b:.0f} MiB per million crop voxels per sample; at the paper's 128³: "
+                    f"{est / 1024:.1f} GiB for one sample in fp32 (linear in voxels from the two crops measured), so a batch of b "
+                    f"samples on one device needs about {a / 1024:.1f} + {per:.1f}·b GiB: the seed's 24-48 GB is a batch of "
+                    f"{b24:.1f}-{b48:.1f} such samples per device (fp32, host memory on the CPU; bf16 autocast on a GPU stores "
+                    f"activations in half the bytes; the GPU measurement is owed)."]
+    return "\n".join(out), fits
+
+
+def plots(summary: dict, cost: dict[str, list[dict]], fits: dict, docs: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    panels = [(metric, [k for k in summary if summary[k].get(metric, (math.nan, 0, 0))[2]]) for metric in ("episode", "volume")]
+    panels = [(m, k) for m, k in panels if k]
+    if panels:
+        n = max(len(k) for _, k in panels)
+        fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 0.33 * n + 1.5), squeeze=False)
+        for ax, (metric, keys) in zip(axes[0], panels):
+            m = [summary[k][metric][0] * 100 for k in keys]
+            s = [0 if math.isnan(summary[k][metric][1]) else summary[k][metric][1] * 100 for k in keys]
+            ax.barh(range(len(keys)), m, xerr=s, color=["tab:green" if k in ("design", "engine") else "tab:blue" for k in keys])
+            ax.set_yticks(range(len(keys)), [f"{summary[k]['group']}: {k}" for k in keys], fontsize=8)
+            ax.invert_yaxis()
+            ax.set_xlabel(f"validation {metric} Dice % (mean ± sd over seeds)")
+        fig.suptitle("Ablations and sensitivity: tiny network, CPU mini-benchmark (left: trained variants on fixed "
+                     "episodes; right: the engine on whole volumes)", fontsize=9)
+        fig.tight_layout()
+        made.append(docs / "ablations_dice.png")
+        fig.savefig(made[-1], dpi=110)
+        plt.close(fig)
+    if cost.get("size"):
+        sz = cost["size"]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        x = np.array([r["windows"] for r in sz])
+        a1.plot(x, [r["segment_s"] for r in sz], "o", label="measured")
+        a, b, r2 = fits["time_windows"]
+        a1.plot(x, a + b * x, "-", label=f"{a:.1f} + {b:.2f}·windows (R² {r2:.3f})")
+        for r in sz:
+            a1.annotate(r["shape"], (r["windows"], r["segment_s"]), fontsize=7)
+        a1.set_xlabel("windows (64³, overlap 0.5, full tiling)")
+        a1.set_ylabel("segment CPU seconds (1 thread)")
+        a1.legend(fontsize=8)
+        v = np.array([r["voxels"] / 1e6 for r in sz])
+        a2.plot(v, [r["peak_mib"] for r in sz], "o", label="peak (process)")
+        a2.plot(v, [r["extra_mib"] for r in sz], "s", label="above base")
+        a, b, r2 = fits["mem_voxels"]
+        a2.plot(v, a + b * v, "-", label=f"{a:.0f} + {b:.1f}·Mvoxels (R² {r2:.3f})")
+        a2.set_xlabel("target voxels (millions)")
+        a2.set_ylabel("MiB")
+        a2.legend(fontsize=8)
+        fig.suptitle("iris-small (bundled), Segmenter on the CPU: cost against target size")
+        fig.tight_layout()
+        made.append(docs / "cost_size.png")
+        fig.savefig(made[-1], dpi=110)
+        plt.close(fig)
+    if cost.get("classes") or cost.get("references"):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, kind, name in zip(axes, ("classes", "references"), ("classes K", "reference images")):
+            rs = cost.get(kind, [])
+            if not rs:
+                continue
+            x = np.array([int(r["value"]) for r in rs])
+            ax.plot(x, [r["segment_s"] for r in rs], "o-", label="segment CPU s")
+            ax.plot(x, [r["encode_s"] for r in rs], "s-", label="encode CPU s")
+            ax2 = ax.twinx()
+            ax2.plot(x, [r["extra_mib"] for r in rs], "^:", color="grey", label="MiB above base")
+            ax2.set_ylabel("MiB above base")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel(name)
+            ax.set_ylabel("CPU seconds")
+            ax.legend(loc="upper left", fontsize=8)
+            ax2.legend(loc="lower right", fontsize=8)
+            ax.set_title(f"{rs[0]['shape']} target, {rs[0]['windows']} windows")
+        fig.suptitle("iris-small (bundled), Segmenter on the CPU: cost against classes and references")
+        fig.tight_layout()
+        made.append(docs / "cost_classes_references.png")
+        fig.savefig(made[-1], dpi=110)
+        plt.close(fig)
+    return made
+
+
+def report(work: Path, seeds: list[int], mini: Mini, parts: list[str], cost: dict | None, docs: Path | None, log) -> str:
+    ab_md, extra = tables(work, seeds)
+    header = (f"Mini-benchmark: tiny network, {mini.crop}³ crops, {mini.steps} steps, batch 2, seeds {','.join(map(str, seeds))}"
+              f"{' (QUICK: synthetic data, numbers mean nothing)' if mini.quick else ''}; CPU, 1 thread per run, "
+              f"shared machine: seconds are process CPU seconds, memory is peak resident memory.")
+    md = [header, "", "## Ablations (the nine gaps)", "", ab_md, "", "## Sensitivity", "", extra["sensitivity_md"], ""]
+    fits = {}
+    if cost:
+        cost_md, fits = cost_tables(cost)
+        md += ["## Cost against input size (product: bundled iris-small, Segmenter, CPU)", "", cost_md, ""]
+    owed = [f"{k} seed {s}" for k, s in todo(["ablations", "sensitivity"], seeds) if not result_path(work, k, s).is_file()]
+    md += ["## Owed", "",
+           f"- Runs of this grid not done: {', '.join(owed) if owed else 'none'}.",
+           "- Everything on a GPU: larger budgets (the real iris-small, thousands of steps, the 12-collection training "
+           "set) and GPU time and memory for the cost rows; this machine had no GPU for this issue.", ""]
+    text = "\n".join(md)
+    (work / "ablations.md").write_text(text)
+    if docs is not None:
+        (docs / "ablations.md").write_text(
+            "# Evidence for the nine gap choices: ablations, sensitivity, cost (issue 11)\n\n"
+            "Generated by `python benchmarks/ablations.py` (what is compared and how: its docstring; the verdicts "
+            "per gap in `docs/DESIGN.md` section 2). Do not edit by hand: rerun, it resumes.\n\n" + text)
+        made = plots(extra["summary"], cost or {}, fits, docs)
+        log("plots: " + ", ".join(str(p) for p in made))
+    return text
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(ROOT / ".cache" / "packed"))
+    ap.add_argument("--work", default=None, help="results, weights and caches (default runs/ablations; --quick: a temporary folder)")
+    ap.add_argument("--docs", default=None, help="write the plots here (default: docs/ for a full run, none for --quick)")
+    ap.add_argument("--steps", type=int, default=Mini.steps)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--parts", default="ablations,sensitivity,cost")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="write the tables from the runs done so far")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--child-seed", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--cost-row", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--arch-cost", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    mini = QUICK if a.quick else replace(Mini(), steps=a.steps)
+    work = Path(a.work) if a.work else (Path(tempfile.mkdtemp(prefix="ablations-quick-")) if a.quick else ROOT / "runs" / "ablations")
+    if a.cost_row:
+        print(json.dumps(cost_row(*a.cost_row, quick=a.quick)))
+        return 0
+    if a.arch_cost:
+        print(json.dumps(arch_cost(a.arch_cost, mini)))
+        return 0
+    if a.child:
+        child_main(a.child, a.child_seed, mini, Path(a.data), work)
+        return 0
+    torch.set_num_threads(1)
+    work.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in a.seeds.split(",")] if not a.quick else [0, 1]
+    parts = a.parts.split(",")
+    logf = open(work / "log.txt", "a")
+
+    def log(msg: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {msg}"
+        print(line, file=sys.stderr, flush=True)
+        logf.write(line + "\n")
+        logf.flush()
+
+    if not a.report_only:
+        if "ablations" in parts or "sensitivity" in parts:
+            run_arch_costs(work, mini, log)
+        run_all(todo(parts, seeds), mini, Path(a.data), work, a.jobs, log)
+    cost = None
+    if "cost" in parts:
+        cost = run_cost(work, a.quick, log) if not a.report_only else _cached_cost(work)
+    docs = Path(a.docs) if a.docs else (None if a.quick else ROOT / "docs")
+    print(report(work, seeds, mini, parts, cost, docs, log))
+    return 0
+
+
+def _cached_cost(work: Path) -> dict[str, list[dict]]:
+    rows: dict[str, list[dict]] = {}
+    plan = COST_FULL
+    for kind, values in plan.items():
+        for value in values:
+            f = work / "cost" / f"{kind}-{value.replace('/', '_')}.json"
+            if f.is_file():
+                r = json.loads(f.read_text())
+                rows.setdefault(kind, []).append(r)
+                if kind == "size" and r.get("segment_s", 0) > STOP_SECONDS:
+                    rows.setdefault("stopped", []).append({"after": value, "seconds": r["segment_s"]})
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())
