@@ -316,7 +316,10 @@ def test_ctrl_c_in_a_terminal(cohort, tiny_model_dir_threshold0, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     p = subprocess.Popen([sys.executable, "-m", "IrisSegmentLib.cli", *_batch_args(cohort, tiny_model_dir_threshold0, out,
                           "--workers", "2", targets=targets)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=env, start_new_session=True)
+                         env=env, start_new_session=True,
+                         # a terminal starts a command with SIGINT at its default; an in-process cluster earlier in
+                         # this pytest process may have left it ignored, which a child would inherit
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and p.poll() is None:
         if (out / "results.csv").exists() and sum(r["status"] == "ok" for r in _rows(out).values()) >= 2:
