@@ -9,9 +9,10 @@
      validation (the same for every row): 48 fixed one-shot episodes from the validation split of
        the three collections (EpisodeSampler seed 12345, no augmentation, the design's sampler
        settings), Dice of the EMA network per collection, then the mean over collections ("episode
-       Dice"); and, for rows marked so, "volume Dice": the whole packed validation volume segmented
-       by the product engine (Segmenter: reference crops, sliding windows, blending, resampling)
-       with a reference from another subject (acdc 3 targets, la2018 4, hippocampus 4).
+       Dice"); and, for rows marked so, "volume Dice": the packed validation volume (its labelled
+       region plus 12 mm) segmented by the product engine (Segmenter: reference crops, sliding
+       windows, blending, resampling) with a reference from another subject (acdc 3 targets,
+       la2018 4, hippocampus 4).
    Gaps whose alternative is a training-time choice train their own networks (model/training config
    switches, ModelConfig ablation fields); gaps whose alternative is an inference-time choice (memory
    bank filling, sliding-window overlap/blending/strategy) are evaluated on the design's networks.
@@ -24,10 +25,13 @@
    seed's "10-50x inference time"); and training-step memory of the paper-sized network (the seed's
    "24-48 GB"). Fitted growth is written with the tables; plots go to docs/.
 
-Every training run is its own fresh process (peak memory: VmHWM after resetting it through
-/proc/self/clear_refs, over 3 training steps of a throw-away copy of the network, on top of the
-process's resident memory just before them); results are cached as JSON under --work, so an
-interrupted run resumes and finished runs are skipped. Table columns: mean and sd over seeds.
+Every training run is its own fresh process; results are cached as JSON under --work, so an
+interrupted run resumes and finished runs are skipped (and runs that another invocation is running
+are left to it). Table columns: Dice mean and sd over seeds; parameters, process CPU seconds per
+training step and peak memory come from a separate fresh process per variant on a fixed batch of the
+variant's shapes (`arch_cost`: peak = VmHWM after resetting it through /proc/self/clear_refs, above
+the resident memory before the first step, optimiser state included), so other jobs on a shared
+machine do not distort them; the cost rows also report process CPU seconds.
 Verdict per gap: the difference from the design is "within noise" when |diff| < 2 sd (sd pooled
 over both rows; for inference-time alternatives on the same networks, the sd of the per-seed
 paired differences), else the better row is named.
@@ -897,13 +901,15 @@ def _ct_projection(fits: dict, win: int) -> list[str]:
            f"(working grid {'x'.join(map(str, work))}), CPU seconds from the fit above:", "",
            "| choice | windows | fitted CPU s |", "|---|---|---|"]
     out += [f"| {name} | {n} | {a + b * n:.0f} |" for name, n in rows]
+    seconds = [a + b * n for _, n in rows]
     if not math.isnan(per_class):
         n = len(tile(work, (win,) * 3, 0.5))
-        out.append(f"| one pass per class, 15 classes, overlap 0.5 | {n} x 15 passes | {(a + b * n) * 15 * per_class / 4:.0f} |")
-    lo = a + b * rows[0][1]
-    hi = (a + b * rows[-1][1]) * (15 * per_class / 4 if not math.isnan(per_class) else 1)
-    fits["ct_spread"] = hi / lo
-    out += ["", f"Spread on this target: {hi / lo:.0f}x between the cheapest and the most expensive choice.", ""]
+        seconds.append((a + b * n) * 15 * per_class / 4)
+        out.append(f"| one pass per class, 15 classes, overlap 0.5 | {n} x 15 passes | {seconds[-1]:.0f} |")
+    fits["ct_overlap_spread"] = seconds[4] / seconds[1]
+    fits["ct_spread"] = max(seconds) / min(seconds)
+    out += ["", f"On this target overlap alone (0 to 0.75) spans {fits['ct_overlap_spread']:.0f}x; the rows span "
+            f"{fits['ct_spread']:.0f}x; both choices together (overlap 0.75, one pass per class) would multiply.", ""]
     return out
 
 
@@ -977,8 +983,9 @@ def cost_tables(rows: dict[str, list[dict]]) -> tuple[str, dict]:
             b24, b48 = (24 * 1e9 / 2**30 - a / 1024) / per, (48 * 1e9 / 2**30 - a / 1024) / per
             fits["paper_128"] = (a / 1024, per, b24, b48)
             out += ["", f"Paper-sized network: {a:.0f} MiB + {b:.0f} MiB per million crop voxels per sample; at the paper's 128³: "
-                    f"{est / 1024:.1f} GiB for one sample in fp32 (linear in voxels from the two crops measured), so a batch of b "
-                    f"samples on one device needs about {a / 1024:.1f} + {per:.1f}·b GiB: the seed's 24-48 GB is a batch of "
+                    f"{est / 1024:.1f} GiB for one sample in fp32 (linear in voxels through the two crops measured; the weights' "
+                    f"gradients and AdamW moments, 3 x 4 bytes x parameters = {3 * 4 * paper[0]['params'] / 2**30:.2f} GiB, are "
+                    f"inside both points), so a batch of b samples on one device needs about {per:.1f}·b GiB: the seed's 24-48 GB is a batch of "
                     f"{b24:.1f}-{b48:.1f} such samples per device (fp32, host memory on the CPU; bf16 autocast on a GPU stores "
                     f"activations in half the bytes; the GPU measurement is owed)."]
     return "\n".join(out), fits
