@@ -263,6 +263,23 @@ def cmd_train(a) -> int:
     return 0
 
 
+def _reference_options(p: argparse.ArgumentParser) -> None:
+    """The task of `segment` and `batch`: references or a saved task, and the labels."""
+    p.add_argument("--reference-image", action="append", help="reference image; repeat for a context ensemble")
+    p.add_argument("--reference-label", action="append", help="label map drawn on the reference image; one per --reference-image")
+    p.add_argument("--task", help="saved task embedding (.safetensors) used instead of references")
+    p.add_argument("--labels", help="comma-separated label values to segment (default: all in the reference)")
+
+
+def _window_options(p: argparse.ArgumentParser) -> None:
+    """How `segment` and `batch` run the sliding window and normalise intensities."""
+    p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap in [0, 1) (default 0.5)")
+    p.add_argument("--strategy", choices=("coarse-to-fine", "full"), default=None,
+                   help="coarse-to-fine (default): overlapping windows only around what a first covering pass found; "
+                        "full: every overlapping window")
+    p.add_argument("--modality", default="auto", choices=["auto", "ct", "mr"], help="intensity normalisation")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .training.travel import MARGIN
 
@@ -270,28 +287,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("segment", help="segment a target with the structures of one or more references")
-    s.add_argument("--reference-image", action="append", help="reference image (NIfTI); repeat for a context ensemble")
-    s.add_argument("--reference-label", action="append", help="label map drawn on the reference image; one per --reference-image")
-    s.add_argument("--task", help="saved task embedding (.safetensors) used instead of references")
-    s.add_argument("--labels", help="comma-separated label values to segment (default: all in the reference)")
+    _reference_options(s)
     s.add_argument("--target", required=True, help="image to segment (NIfTI)")
     s.add_argument("--output", required=True, help="output label map (.nii.gz), with the target's geometry")
     s.add_argument("--save-task", help="also save the task embedding to this file for reuse")
     s.add_argument("--model", default=None, help="bundled model name or model folder (default: iris-small)")
     s.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
-    s.add_argument("--overlap", type=float, default=None, help="sliding-window overlap in [0, 1) (default 0.5)")
-    s.add_argument("--strategy", choices=("coarse-to-fine", "full"), default=None,
-                   help="coarse-to-fine (default): overlapping windows only around what a first covering pass found; "
-                        "full: every overlapping window")
-    s.add_argument("--modality", default="auto", choices=["auto", "ct", "mr"], help="intensity normalisation")
+    _window_options(s)
     s.add_argument("--overwrite", action="store_true", help="replace existing output files")
     s.set_defaults(fn=cmd_segment)
 
     b = sub.add_parser("batch", help="segment a cohort (a folder or CSV of targets) on a local or Dask cluster, resumable")
-    b.add_argument("--reference-image", action="append", help="reference image; repeat for a context ensemble")
-    b.add_argument("--reference-label", action="append", help="label map drawn on the reference image; one per --reference-image")
-    b.add_argument("--task", help="saved task embedding (.safetensors) used instead of references")
-    b.add_argument("--labels", help="comma-separated label values to segment (default: all in the reference)")
+    _reference_options(b)
     b.add_argument("--targets", required=True, help="folder searched recursively for images, or a CSV with a path column (and optionally id)")
     b.add_argument("--pattern", action="append", help="glob of target names in the folder; repeatable (default: *.nii.gz and *.nii); "
                                                          "a matching folder is read as a DICOM series")
@@ -300,9 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (tcp://host:8786) instead of a local cluster")
     b.add_argument("--model", default=None, help="bundled model name or model folder (default: iris-small); workers load it from the same path")
     b.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda, for every worker")
-    b.add_argument("--overlap", type=float, default=None, help="sliding-window overlap in [0, 1) (default 0.5)")
-    b.add_argument("--strategy", choices=("coarse-to-fine", "full"), default=None, help="as for segment (default coarse-to-fine)")
-    b.add_argument("--modality", default="auto", choices=["auto", "ct", "mr"], help="intensity normalisation")
+    _window_options(b)
     b.add_argument("--overwrite", action="store_true", help="redo every study and replace existing outputs")
     b.set_defaults(fn=cmd_batch)
 

@@ -120,6 +120,21 @@ def ellipsoid_mask(shape, affine, centre, radii, rotation=np.eye(3)) -> np.ndarr
     return ((local / np.asarray(radii)) ** 2).sum(-1) <= 1.0
 
 
+def write_la2018_val(root: Path, cases=("A", "B", "C")) -> np.ndarray:
+    """A tiny `la2018/val` under `root` for the benchmark tests: one subject per case, an ellipsoid
+    'atrium' shifted per subject on one 1.5 mm grid; returns that grid's affine."""
+    affine = make_affine(np.diag([1.5, 1.5, 1.5]), [0.0, 0.0, 0.0])
+    rng = np.random.default_rng(0)
+    la = root / "la2018" / "val"
+    la.mkdir(parents=True)
+    for i, cid in enumerate(cases):
+        lab = ellipsoid_mask((24, 24, 20), affine, (15.0 + 3 * i, 18.0 - 2 * i, 15.0), (8, 7, 6)).astype(np.uint8)
+        img = (100 + 500 * lab.astype(np.float32) + rng.normal(0, 20, lab.shape)).astype(np.float32)
+        write_nifti(la / f"{cid}_image.nii.gz", img, affine)
+        write_nifti(la / f"{cid}_label.nii.gz", lab, affine)
+    return affine
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, bool), np.asarray(b, bool)
     s = a.sum() + b.sum()

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, ellipsoid_mask, make_affine, read_nifti, write_nifti
+from conftest import REPO_ROOT, ellipsoid_mask, make_affine, read_nifti, write_la2018_val, write_nifti
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import accuracy  # noqa: E402
@@ -24,15 +24,7 @@ COLUMNS = ["one-shot", "ensemble", "tuned", "bank", "registration"]
 def root(tmp_path_factory):
     """la2018/val with three subjects (shifted ellipsoids, same grid) and the four brain label maps."""
     root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    la = root / "la2018" / "val"
-    la.mkdir(parents=True)
-    shape = (24, 24, 20)
-    for i, cid in enumerate(LA_CASES):
-        lab = ellipsoid_mask(shape, AFFINE, (15.0 + 3 * i, 18.0 - 2 * i, 15.0), (8, 7, 6)).astype(np.uint8)
-        img = (100 + 500 * lab.astype(np.float32) + rng.normal(0, 20, shape)).astype(np.float32)
-        write_nifti(la / f"{cid}_image.nii.gz", img, AFFINE)
-        write_nifti(la / f"{cid}_label.nii.gz", lab, AFFINE)
+    write_la2018_val(root, LA_CASES)
     brain = root / "synthseg_brain_labels"
     brain.mkdir()
     for k, cid in enumerate(accuracy.BRAIN_VAL):

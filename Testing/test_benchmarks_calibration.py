@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, ellipsoid_mask, make_affine, write_nifti
+from conftest import REPO_ROOT, write_la2018_val, write_nifti
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import calibration  # noqa: E402
@@ -16,21 +16,15 @@ import calibration  # noqa: E402
 from IrisSegmentLib import Segmenter  # noqa: E402
 from IrisSegmentLib.inference.confidence import FEATURES  # noqa: E402
 
-AFFINE = make_affine(np.diag([1.5, 1.5, 1.5]), [0.0, 0.0, 0.0])
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     """la2018/val with three subjects and four hippocampus crops (two subjects, labels 1 and 2)."""
     root = tmp_path_factory.mktemp("data")
+    write_la2018_val(root)
     rng = np.random.default_rng(0)
-    (root / "la2018" / "val").mkdir(parents=True)
     (root / "msd_hippocampus").mkdir()
-    for i, cid in enumerate("ABC"):
-        lab = ellipsoid_mask((24, 24, 20), AFFINE, (15.0 + 3 * i, 18.0 - 2 * i, 15.0), (8, 7, 6)).astype(np.uint8)
-        img = (100 + 500 * lab.astype(np.float32) + rng.normal(0, 20, lab.shape)).astype(np.float32)
-        write_nifti(root / "la2018" / "val" / f"{cid}_image.nii.gz", img, AFFINE)
-        write_nifti(root / "la2018" / "val" / f"{cid}_label.nii.gz", lab, AFFINE)
     for n in range(1, 5):
         lab = np.zeros((20, 24, 20), np.uint8)
         lab[6:12, 8:16, 6:14] = 1

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, ellipsoid_mask, make_affine, write_nifti
+from conftest import REPO_ROOT, ellipsoid_mask, make_affine, write_la2018_val
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import accuracy  # noqa: E402
@@ -26,14 +26,7 @@ AFFINE = make_affine(np.diag([1.5, 1.5, 1.5]), [0.0, 0.0, 0.0])
 def root(tmp_path_factory):
     """la2018/val with three subjects (shifted ellipsoids on one grid)."""
     root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    la = root / "la2018" / "val"
-    la.mkdir(parents=True)
-    for i, cid in enumerate("ABC"):
-        lab = ellipsoid_mask((24, 24, 20), AFFINE, (15.0 + 3 * i, 18.0 - 2 * i, 15.0), (8, 7, 6)).astype(np.uint8)
-        img = (100 + 500 * lab.astype(np.float32) + rng.normal(0, 20, lab.shape)).astype(np.float32)
-        write_nifti(la / f"{cid}_image.nii.gz", img, AFFINE)
-        write_nifti(la / f"{cid}_label.nii.gz", lab, AFFINE)
+    write_la2018_val(root)
     return root
 
 

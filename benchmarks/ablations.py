@@ -396,16 +396,24 @@ def run_arch_costs(work: Path, mini: Mini, log) -> None:
         if mini.quick:
             r = arch_cost(v.key, mini)
         else:
-            cmd = [sys.executable, __file__, "--arch-cost", v.key, "--steps", str(mini.steps)]
-            p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
-            if p.returncode:
-                log(f"arch cost {v.key}: FAILED: {p.stderr.strip()[-1500:]}")
+            r, failure = _child_row(["--arch-cost", v.key, "--steps", str(mini.steps)])
+            if r is None:
+                log(f"arch cost {v.key}: FAILED: {failure}")
                 continue
-            r = json.loads(p.stdout.strip().splitlines()[-1])
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(json.dumps(r))
         log(f"arch cost {v.key}: {json.dumps(r)}")
 
+
+
+def _child_row(args: list[str]) -> tuple[dict | None, str]:
+    """This script run in a fresh one-thread process with `args`: the JSON on its last output line, or
+    None and what failed (exit code and the end of its stderr)."""
+    p = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    if p.returncode:
+        return None, f"(exit {p.returncode}): {p.stderr.strip()[-1500:]}"
+    return json.loads(p.stdout.strip().splitlines()[-1]), ""
 
 # -- the engine on whole validation volumes -------------------------------------------------------------
 def volume_pairs(val_cases: list[Case], mini: Mini) -> list[tuple[Case, list[Case]]]:
@@ -856,12 +864,10 @@ def run_cost(work: Path, quick: bool, log) -> dict[str, list[dict]]:
             elif quick:
                 r = cost_row(kind, value, True)
             else:
-                cmd = [sys.executable, __file__, "--cost-row", kind, value]
-                p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
-                if p.returncode:
-                    log(f"cost {kind} {value}: FAILED (exit {p.returncode}): {p.stderr.strip()[-1500:]}")
+                r, failure = _child_row(["--cost-row", kind, value])
+                if r is None:
+                    log(f"cost {kind} {value}: FAILED {failure}")
                     break
-                r = json.loads(p.stdout.strip().splitlines()[-1])
             f.parent.mkdir(parents=True, exist_ok=True)
             f.write_text(json.dumps(r))
             rows.setdefault(kind, []).append(r)

@@ -111,30 +111,34 @@ def evaluate(seg: Segmenter, held: Segmenter | None, root: Path, pairs: int, opt
                 if registration:
                     cols["registration"] = registered(ref, qry, labels)
                 add("unseen classes", ds, "unseen", p.ids(qi, ri), cols, t0)
-    for ds in MODALITY_DATASETS if "unseen modality" in sections else ():
-        p = Pairs(root, ds, pairs)
-        labels = sorted(accuracy.LABELS[ds])
-        for qi, ri in p.pairs:
-            base = one_shot(seg, p.volume(ri), p.volume(qi), labels, options)
-            for name, fn in shifts.INTENSITY.items():
-                t0 = time.perf_counter()
-                ref, qry = contrast(p.volume(ri), fn, p.items[ri].id), contrast(p.volume(qi), fn, p.items[qi].id)
-                cols = {"shifted": one_shot(seg, ref, qry, labels, options), "baseline": base}
-                if registration:
-                    cols["registration"] = registered(ref, qry, labels)
-                add("unseen modality", ds, name, p.ids(qi, ri), cols, t0)
-    for ds in GEOMETRY_DATASETS if "unseen site/geometry" in sections else ():
-        p = Pairs(root, ds, pairs)
-        labels = sorted(accuracy.LABELS[ds])
-        for qi, ri in p.pairs:
-            base = one_shot(seg, p.volume(ri), p.volume(qi), labels, options)
-            for name, geo in shifts.GEOMETRY.items():
-                t0 = time.perf_counter()
-                ref, qry = p.volume(ri), shifts.reslice(*p.volume(qi), geo)
-                cols = {"shifted": one_shot(seg, ref, qry, labels, options), "baseline": base}
-                if registration:
-                    cols["registration"] = registered(ref, qry, labels)
-                add("unseen site/geometry", ds, name, p.ids(qi, ri), cols, t0)
+    def contrast_pair(fn):
+        return lambda p, qi, ri: (contrast(p.volume(ri), fn, p.items[ri].id), contrast(p.volume(qi), fn, p.items[qi].id))
+
+    def geometry_pair(geo):
+        return lambda p, qi, ri: (p.volume(ri), shifts.reslice(*p.volume(qi), geo))
+
+    shifted = {"unseen modality": (MODALITY_DATASETS, {n: contrast_pair(f) for n, f in shifts.INTENSITY.items()}),
+               "unseen site/geometry": (GEOMETRY_DATASETS, {n: geometry_pair(g) for n, g in shifts.GEOMETRY.items()})}
+    loaded: dict[str, Pairs] = {}
+    baselines: dict[tuple[str, int, int], dict[int, float]] = {}  # the unshifted one-shot, once per pair
+    for section, (datasets, makers) in shifted.items():
+        if section not in sections:
+            continue
+        for ds in datasets:
+            if ds not in loaded:
+                loaded[ds] = Pairs(root, ds, pairs)
+            p = loaded[ds]
+            labels = sorted(accuracy.LABELS[ds])
+            for qi, ri in p.pairs:
+                if (ds, qi, ri) not in baselines:
+                    baselines[(ds, qi, ri)] = one_shot(seg, p.volume(ri), p.volume(qi), labels, options)
+                for name, make in makers.items():
+                    t0 = time.perf_counter()
+                    ref, qry = make(p, qi, ri)
+                    cols = {"shifted": one_shot(seg, ref, qry, labels, options), "baseline": baselines[(ds, qi, ri)]}
+                    if registration:
+                        cols["registration"] = registered(ref, qry, labels)
+                    add(section, ds, name, p.ids(qi, ri), cols, t0)
     return records
 
 
