@@ -31,7 +31,15 @@ if not (_HERE / "IrisSegmentLib").is_dir() and (_HERE.parent / "IrisSegmentLib" 
 TORCH_REQUIREMENT = ">=2.2"
 # Packages the library needs besides torch (from the PyTorch extension) and numpy/vtk (shipped with Slicer).
 REQUIREMENTS_FILE = _HERE / "Resources" / "requirements.txt"
+# Requirement names whose import name differs.
+IMPORT_NAMES = {"PyYAML": "yaml"}
 SEGMENT_SEPARATOR = ";"
+# Localisation (IrisSegmentLib.inference.localise): (value passed to the engine, label shown), default first.
+LOCALISE_CHOICES = [("auto", "auto"), ("registration", "registration"), ("none", "none (whole field of view)")]
+LOCALISE_TOOLTIP = (
+    "auto: register the reference onto the target and segment only where its structures can be (falls back to the "
+    "whole field of view, with a warning, when registration fails or cannot run). registration: the same, but an "
+    "error when it cannot run. none: segment the whole field of view, no registration.")
 
 
 def _requirements() -> list[str]:
@@ -40,7 +48,7 @@ def _requirements() -> list[str]:
 
 def _installed(requirement: str) -> bool:
     name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0)
-    return importlib.util.find_spec({"PyYAML": "yaml"}.get(name, name)) is not None
+    return importlib.util.find_spec(IMPORT_NAMES.get(name, name)) is not None
 
 
 #
@@ -56,7 +64,9 @@ class IrisSegment(ScriptedLoadableModule):
         self.parent.helpText = (
             "Segment a scan like the segments drawn on another scan (IRIS in-context segmentation): pick a reference "
             "volume and its segmentation, check the segments, pick the target volume and click Apply. Results are "
-            "added as new segments named and coloured like the reference. Also available as the 'IRIS' effect of "
+            "added as new segments named and coloured like the reference. Localisation 'auto' first registers the "
+            "reference onto the target and segments only where its structures can be; the status says whether it "
+            "did, and shows any warning (e.g. a failed registration). Also available as the 'IRIS' effect of "
             "the Segment Editor and from Python: slicer.util.getModuleLogic('IrisSegment').segment(...)."
         )
         self.parent.acknowledgementText = (
@@ -99,6 +109,9 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = IrisSegmentLogic()
         self.ui.progressBar.visible = False
+        for value, label in self.logic.LOCALISE_CHOICES:
+            self.ui.localiseComboBox.addItem(label, value)
+        self.ui.localiseComboBox.toolTip = self.logic.LOCALISE_TOOLTIP
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -108,9 +121,10 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.extraReferencesSelector.connect("checkedNodesChanged()", self.updateParameterNodeFromGUI)
         self.ui.referenceSegmentsList.connect("itemChanged(QListWidgetItem*)", self.updateParameterNodeFromGUI)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
+        self.ui.localiseComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.overlapSpinBox.connect("valueChanged(double)", self.updateParameterNodeFromGUI)
         self.ui.tuningStepsSpinBox.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
-        self.ui.keepLargestCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
+        self.ui.postprocessCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         self.ui.show3DCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         self.ui.taskNameLineEdit.connect("textChanged(QString)", self.updateButtons)
         self.ui.savedTaskComboBox.connect("currentIndexChanged(int)", self.updateButtons)
@@ -175,9 +189,10 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._fillSegmentList(p.GetNodeReference("ReferenceSegmentation"), self._checkedSegmentIds())
             index = self.ui.deviceComboBox.findData(p.GetParameter("Device"))
             self.ui.deviceComboBox.setCurrentIndex(max(index, 0))
+            self.ui.localiseComboBox.setCurrentIndex(max(self.ui.localiseComboBox.findData(p.GetParameter("Localise")), 0))
             self.ui.overlapSpinBox.value = float(p.GetParameter("Overlap"))
             self.ui.tuningStepsSpinBox.value = int(p.GetParameter("TuningSteps"))
-            self.ui.keepLargestCheckBox.checked = p.GetParameter("KeepLargest") == "true"
+            self.ui.postprocessCheckBox.checked = p.GetParameter("PostProcess") != "false"
             self.ui.show3DCheckBox.checked = p.GetParameter("Show3D") == "true"
         finally:
             self._updatingGUI = False
@@ -208,9 +223,10 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 ids = [item.data(qt.Qt.UserRole) for item in items if item.checkState() == qt.Qt.Checked]
             p.SetParameter("ReferenceSegments", SEGMENT_SEPARATOR.join(ids))
             p.SetParameter("Device", self.ui.deviceComboBox.itemData(self.ui.deviceComboBox.currentIndex) or "auto")
+            p.SetParameter("Localise", self.ui.localiseComboBox.itemData(self.ui.localiseComboBox.currentIndex) or "auto")
             p.SetParameter("Overlap", str(self.ui.overlapSpinBox.value))
             p.SetParameter("TuningSteps", str(self.ui.tuningStepsSpinBox.value))
-            p.SetParameter("KeepLargest", "true" if self.ui.keepLargestCheckBox.checked else "false")
+            p.SetParameter("PostProcess", "true" if self.ui.postprocessCheckBox.checked else "false")
             p.SetParameter("Show3D", "true" if self.ui.show3DCheckBox.checked else "false")
         finally:
             p.EndModify(wasModified)
@@ -370,8 +386,12 @@ class IrisSegmentLogic(ScriptedLoadableModuleLogic):
     """Behaviour without GUI, also for the Python console:
 
         logic = slicer.util.getModuleLogic("IrisSegment")
-        ids = logic.segment(targetVolume, referenceVolume, referenceSegmentation, ["liver", "spleen"])
+        ids = logic.segment(targetVolume, referenceVolume, referenceSegmentation, ["liver", "spleen"], localise="auto")
+        print(logic.statusText(ids))  # how it was localised, and any warning (e.g. a failed registration)
     """
+
+    LOCALISE_CHOICES = LOCALISE_CHOICES
+    LOCALISE_TOOLTIP = LOCALISE_TOOLTIP
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
@@ -381,7 +401,8 @@ class IrisSegmentLogic(ScriptedLoadableModuleLogic):
         self._engine = None
 
     def setDefaultParameters(self, parameterNode):
-        for name, value in (("Device", "auto"), ("Overlap", "0.5"), ("TuningSteps", "0"), ("KeepLargest", "false"), ("Show3D", "false")):
+        for name, value in (("Device", "auto"), ("Localise", "auto"), ("Overlap", "0.5"), ("TuningSteps", "0"), ("PostProcess", "true"),
+                            ("Show3D", "false")):
             if not parameterNode.GetParameter(name):
                 parameterNode.SetParameter(name, value)
 
@@ -390,9 +411,10 @@ class IrisSegmentLogic(ScriptedLoadableModuleLogic):
         """Run options from the module's parameter node (also used by the Segment Editor effect)."""
         return {
             "device": parameterNode.GetParameter("Device") or "auto",
+            "localise": parameterNode.GetParameter("Localise") or "auto",
             "overlap": float(parameterNode.GetParameter("Overlap") or 0.5),
             "tuningSteps": int(parameterNode.GetParameter("TuningSteps") or 0),
-            "keepLargest": parameterNode.GetParameter("KeepLargest") == "true",
+            "postprocess": parameterNode.GetParameter("PostProcess") != "false",
             "show3D": parameterNode.GetParameter("Show3D") == "true",
         }
 
@@ -454,14 +476,18 @@ class IrisSegmentLogic(ScriptedLoadableModuleLogic):
 
     # -- segmentation ----------------------------------------------------------------------------
     def compute(self, targetVolume, referenceVolume=None, referenceSegmentation=None, referenceSegments=None, device="auto",
-                extraReferences=(), task=None, overlap=None, tuningSteps=0, keepLargest=False, progress=None):
-        """Segments the target without writing anything: a Pending result for `write` (the effect's preview)."""
+                extraReferences=(), task=None, overlap=None, tuningSteps=0, postprocess=True, progress=None, localise="auto",
+                keepLargest=None):
+        """Segments the target without writing anything: a Pending result for `write` (the effect's preview).
+        `localise`: "auto", "registration" or "none" (see LOCALISE_TOOLTIP); `postprocess`: keep the largest piece of
+        each segment whose reference structure is one piece, and fill holes (`keepLargest`: its former name)."""
         from IrisSegmentLib import mrml
 
         self.cancelRequested = False
         return mrml.compute_segments(targetVolume, referenceVolume, referenceSegmentation, referenceSegments, device, progress,
                                      self._cancel, extra_references=extraReferences, task=task, overlap=overlap,
-                                     tuning_steps=tuningSteps, keep_largest=keepLargest, engine=self.engine)
+                                     tuning_steps=tuningSteps, localise=localise,
+                                     postprocess=postprocess if keepLargest is None else bool(keepLargest), engine=self.engine)
 
     def write(self, pending, outputSegmentation=None, add=None, show3D=False) -> list[str]:
         """Adds the computed segments to `outputSegmentation` (None: a new one beside the target);
@@ -473,12 +499,15 @@ class IrisSegmentLogic(ScriptedLoadableModuleLogic):
 
     def segment(self, targetVolume, referenceVolume=None, referenceSegmentation=None, referenceSegments=None,
                 outputSegmentation=None, device="auto", extraReferences=(), task=None, overlap=None, tuningSteps=0,
-                keepLargest=False, show3D=False, progress=None) -> list[str]:
+                postprocess=True, show3D=False, progress=None, localise="auto", keepLargest=None) -> list[str]:
         """Segments `targetVolume` like the reference segments (IDs or names; None: all) or a saved task file;
         adds the results to `outputSegmentation` (None: a new segmentation) and returns the new segment IDs.
-        `extraReferences`: [(volume or None, segmentation)] averaged with the reference (context ensemble)."""
+        `extraReferences`: [(volume or None, segmentation)] averaged with the reference (context ensemble).
+        `localise`: "auto" registers the reference onto the target and segments only where its structures can be,
+        "registration" the same or an error, "none" the whole field of view; `statusText(ids)` tells which was done
+        and any warning. `postprocess`, `keepLargest`: see `compute`."""
         pending = self.compute(targetVolume, referenceVolume, referenceSegmentation, referenceSegments, device, extraReferences,
-                               task, overlap, tuningSteps, keepLargest, progress)
+                               task, overlap, tuningSteps, postprocess, progress, localise, keepLargest)
         if self.cancelRequested:
             from IrisSegmentLib.errors import Cancelled
 
@@ -486,19 +515,11 @@ class IrisSegmentLogic(ScriptedLoadableModuleLogic):
         return self.write(pending, outputSegmentation, show3D=show3D)
 
     def statusText(self, ids: list[str]) -> str:
-        """What was added, how fast, and each segment's estimated Dice (flagged where low)."""
+        """What was added, how fast, whether it was localised by registration, the engine's warnings (e.g. a failed
+        registration that fell back to the whole field of view) and each segment's estimated Dice (flagged where low)."""
         from IrisSegmentLib import mrml
 
-        run = self.engine.last
-        output = self.lastOutputSegmentation
-        segmentation = output.GetSegmentation()
-        names = ", ".join(segmentation.GetSegment(s).GetName() for s in ids)
-        extra = "".join(f"; {x}" for x in (run.memory, "reused the reference embedding" if run.reused_task else "") if x)
-        lines = [f"Added {names} to '{output.GetName()}' in {run.seconds:.1f} s on {run.device}{extra}."]
-        for name, est, low in mrml.segment_confidence(output, ids):
-            if est is not None:
-                lines.append(f"{name}: estimated Dice {est:.2f}" + ("  LOW: check this segment before using it" if low else ""))
-        return "\n".join(lines)
+        return mrml.status_text(self.engine.last, self.lastOutputSegmentation, ids)
 
     # -- saved tasks -----------------------------------------------------------------------------
     @property
@@ -536,6 +557,8 @@ class IrisSegmentTest(ScriptedLoadableModuleTest):
         self.test_SegmentSampleData()
         self.setUp()
         self.test_CancelAddsNothing()
+        self.setUp()
+        self.test_LocaliseNone()
 
     def _load(self):
         from IrisSegmentLib.resources import sample_data_dir
@@ -588,9 +611,19 @@ class IrisSegmentTest(ScriptedLoadableModuleTest):
             for c in range(4):
                 self.assertAlmostEqual(ijkToRas.GetElement(r, c), labelmapToRas.GetElement(r, c), places=5)
         self.assertIn("Added anterior hippocampus (2), posterior hippocampus", logic.statusText(ids))
+        self.assertRegex(logic.statusText(ids), "Localised by registration|Not localised")  # auto: registered, or why not
         if logic.model is None:  # the trained model finds both structures
             for sid in ids:
                 self.assertGreater(slicer.util.arrayFromSegmentBinaryLabelmap(output, sid, target).sum(), 0)
+        self.delayDisplay("Test passed")
+
+    def test_LocaliseNone(self):
+        self.delayDisplay("Segmenting the whole field of view (no localisation)")
+        reference, referenceSegmentation, target = self._load()
+        logic = self._logic()
+        ids = logic.segment(target, reference, referenceSegmentation, None, device="cpu", localise="none")
+        self.assertEqual(len(ids), 2)
+        self.assertIn("Not localised: segmented the whole field of view.", logic.statusText(ids))
         self.delayDisplay("Test passed")
 
     def test_CancelAddsNothing(self):

@@ -48,6 +48,8 @@ def cmd_segment(a) -> int:
     report_path = io.check_output(confidence_path(out), a.overwrite, (".json",))
     if a.save_task:
         io.check_output(a.save_task, a.overwrite, (".safetensors",))
+    if a.save_prior:
+        io.check_output(a.save_prior, a.overwrite)
     refs_i, refs_l = _reference_args(a)
     seg = Segmenter.load(a.model, a.device)
     target, t_aff, t_hdr = io.read_image(a.target)
@@ -55,17 +57,25 @@ def cmd_segment(a) -> int:
     task = _task(a, seg, refs_i, refs_l, io.read_image)
     bar = _Bar("segment")
     try:
-        result = seg.segment(target, t_aff, task, modality=a.modality, overlap=a.overlap, progress=bar, strategy=a.strategy)
+        result = seg.segment(target, t_aff, task, modality=a.modality, overlap=a.overlap, progress=bar, strategy=a.strategy,
+                             localise=a.localise, keep_prior=bool(a.save_prior))
     finally:
         bar.close()
     io.write_label_map(out, result.label_map, t_aff, t_hdr, overwrite=a.overwrite)
+    if a.save_prior:
+        if result.prior is None:
+            print(f"no prior to save to {a.save_prior}: nothing was localised ({result.localisation})")
+        else:
+            io.write_volume(a.save_prior, np.moveaxis(result.prior.astype(np.float32), 0, -1), t_aff, None, a.overwrite)
+            print(f"saved the localisation prior (one volume per structure, {', '.join(map(str, result.labels))}) to {a.save_prior}")
     if a.save_task and not a.task:
         task.save(a.save_task)
         print(f"saved the task embedding to {a.save_task}")
     vox = float(abs(np.linalg.det(t_aff[:3, :3])))
     report = confidence_report(result, vox, seg)
     write_json(report_path, report)
-    print(f"wrote {out} ({result.seconds:.1f} s on {result.device}, {result.windows} windows) and {report_path.name}")
+    where = "localised by registration" if result.localisation == "registration" else "whole field of view"
+    print(f"wrote {out} ({result.seconds:.1f} s on {result.device}, {result.windows} windows, {where}) and {report_path.name}")
     for r in report["segments"]:
         est = "" if r["estimated_dice"] is None else f"  estimated Dice {r['estimated_dice']:.2f}"
         flag = "  LOW: check this segment" if r["flagged"] else ""
@@ -176,7 +186,8 @@ def cmd_batch(a) -> int:
         raise IrisInputError(f"the task embedding was made by model {task.model_id!r}, not by the loaded {seg.model_id!r}; "
                              "encode the reference again with this model")
     folder = model_dir(a.model).resolve()
-    options = Options(str(folder), a.device, overlap, a.strategy or seg.config.inference.strategy, a.modality)
+    options = Options(str(folder), a.device, overlap, a.strategy or seg.config.inference.strategy, a.modality,
+                      a.localise or seg.config.localise.mode)
     del seg
     key = task_key(options, [a.task] if a.task else [*refs_i, *refs_l], _labels(a.labels), [folder / WEIGHTS, folder / CONFIG])
     out.mkdir(parents=True, exist_ok=True)
@@ -278,6 +289,11 @@ def _window_options(p: argparse.ArgumentParser) -> None:
                    help="coarse-to-fine (default): overlapping windows only around what a first covering pass found; "
                         "full: every overlapping window")
     p.add_argument("--modality", default="auto", choices=["auto", "ct", "mr"], help="intensity normalisation")
+    p.add_argument("--localise", choices=("auto", "registration", "none"), default=None,
+                   help="auto (default): register the reference onto the target and segment only where its structures can "
+                        "be (the whole field of view, with a warning, where registration fails); registration: the same, but an "
+                        "error where it cannot run at all (no registration engine, or a task without reference images); "
+                        "none: the whole field of view, no prior")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -291,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", required=True, help="image to segment (NIfTI)")
     s.add_argument("--output", required=True, help="output label map (.nii.gz), with the target's geometry")
     s.add_argument("--save-task", help="also save the task embedding to this file for reuse")
+    s.add_argument("--save-prior", help="also save the localisation prior (.nii.gz, one volume per structure) to inspect it")
     s.add_argument("--model", default=None, help="bundled model name or model folder (default: iris-small)")
     s.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     _window_options(s)

@@ -114,6 +114,41 @@ class TrainingConfig:
     thick_slice_prob: float = 0.15  # the query crop gets thick slices along a random axis (2-5x)
 
 
+LOCALISE_MODES = ("auto", "registration", "none")
+
+
+@dataclass(frozen=True)
+class LocaliseConfig:
+    """Localisation: register the reference onto the target, carry its masks across as a per-class prior,
+    and run windows only where that prior can be (docs/DESIGN.md section 2.10)."""
+
+    mode: str = "auto"  # "registration", or "none": the whole field of view, no prior
+    max_voxels: int = 1_000_000  # registration grid: the working grid block-averaged until at most this many voxels
+    metric: str = "auto"  # "ncc" (one modality), "nmi" (two modalities), "auto": by the detected modalities
+    ncc_radius: int = 4  # NCC patch radius, registration voxels
+    rigid_iterations: str = "100x50x0"  # per pyramid level, coarsest first (Greedy -n)
+    affine_iterations: str = "100x50x0"
+    deformable_iterations: str = "100x50x20"  # "" leaves the deformable stage out
+    deformable_smoothing: str = "2.0vox 0.5vox"  # Greedy -s: gradient and warp smoothing
+    body_margin_mm: float = 20.0  # kept around the body (non-background) box of each image
+    margin_mm: float = 15.0  # windows run where some class's prior, dilated by this, is
+    prior_sigma_mm: float = 3.0  # Gaussian blur of the warped masks: registration's uncertainty
+    prior_weight: float = 0.5  # p = w * prior + (1 - w) * network inside the dilated prior; 0 outside
+    min_self_dice: float = 0.4  # a class whose reference crop the network segments worse gets the warped masks alone
+    min_similarity: float = 0.2  # after registration: image similarity below this is a failed registration
+    min_inside: float = 0.5  # a prior with less of the reference structures' volume inside the target failed
+    max_scale: float = 5.0  # an affine changing volumes by more than this factor (or mirroring) failed
+    timeout_s: float = 600.0  # a registration taking longer is a failed registration
+
+    def validate(self) -> None:
+        if self.mode not in LOCALISE_MODES:
+            raise ValueError(f"localise mode must be one of {LOCALISE_MODES}, not {self.mode!r}")
+        if self.metric not in ("auto", "ncc", "nmi"):
+            raise ValueError(f"localise metric must be auto, ncc or nmi, not {self.metric!r}")
+        if not 0.0 <= self.prior_weight <= 1.0:
+            raise ValueError(f"localise prior_weight must be in [0, 1], not {self.prior_weight}")
+
+
 def _yaml():
     try:
         import yaml
@@ -143,25 +178,30 @@ class BundleConfig:
     model: ModelConfig = ModelConfig()
     inference: InferenceConfig = InferenceConfig()
     training: TrainingConfig = TrainingConfig()
+    localise: LocaliseConfig = LocaliseConfig()
 
     def to_dict(self) -> dict:
         def plain(obj):
             d = dataclasses.asdict(obj)
             return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
-        return {"model": plain(self.model), "inference": plain(self.inference), "training": plain(self.training)}
+        return {"model": plain(self.model), "inference": plain(self.inference), "training": plain(self.training),
+                "localise": plain(self.localise)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "BundleConfig":
-        unknown = sorted(set(data) - {"model", "inference", "training"})
+        unknown = sorted(set(data) - {"model", "inference", "training", "localise"})
         if unknown:
-            raise ValueError(f"unknown config section(s) {unknown}; expected model, inference and training")
+            raise ValueError(f"unknown config section(s) {unknown}; expected model, inference, training and localise")
         model = ModelConfig(**_tuple_fields(ModelConfig, data.get("model", {})))
         model.validate()
+        localise = LocaliseConfig(**_tuple_fields(LocaliseConfig, data.get("localise", {})))
+        localise.validate()
         return cls(
             model=model,
             inference=InferenceConfig(**_tuple_fields(InferenceConfig, data.get("inference", {}))),
             training=TrainingConfig(**_tuple_fields(TrainingConfig, data.get("training", {}))),
+            localise=localise,
         )
 
     def save(self, path: str | Path) -> None:

@@ -87,13 +87,19 @@ def check_label_on_image(image: np.ndarray, affine: np.ndarray, label: np.ndarra
 
 def write_label_map(path: str | Path, labels: np.ndarray, affine: np.ndarray, header=None, overwrite: bool = False) -> None:
     """Writes an integer label map with the given geometry; atomic (temporary file, then rename)."""
-    p = check_output(path, overwrite)
-    nib = _nib()
     top = int(labels.max(initial=0))
     dtype = np.uint8 if top < 256 else np.uint16 if top < 65536 else np.int32
+    write_volume(path, labels.astype(dtype), affine, header, overwrite)
+
+
+def write_volume(path: str | Path, data: np.ndarray, affine: np.ndarray, header=None, overwrite: bool = False) -> None:
+    """Writes `data` (3D, or 4D: one volume per structure) in its own dtype with the given geometry, unscaled;
+    atomic (temporary file, then rename)."""
+    p = check_output(path, overwrite)
+    nib = _nib()
     hdr = header.copy() if header is not None else None
-    img = nib.Nifti1Image(labels.astype(dtype), affine, hdr)
-    img.set_data_dtype(dtype)
+    img = nib.Nifti1Image(data, affine, hdr)
+    img.set_data_dtype(data.dtype)
     img.header.set_slope_inter(1, 0)
     if hdr is not None:
         img.set_qform(affine, int(hdr["qform_code"]) or 1)
@@ -102,7 +108,7 @@ def write_label_map(path: str | Path, labels: np.ndarray, affine: np.ndarray, he
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".iris-", suffix=suffix)
     os.close(fd)
     try:
-        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; the label map gets the usual permissions
+        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; the output gets the usual permissions
         nib.save(img, tmp)
         os.replace(tmp, p)
     finally:

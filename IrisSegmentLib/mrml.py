@@ -15,6 +15,8 @@ import queue
 import re
 import threading
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,6 +26,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from .config import LOCALISE_MODES
 from .errors import Cancelled, IrisInputError
 from .inference.segmenter import Cancel, Progress, Segmenter, resolve_device
 from .inference.task import Colour, TaskEmbedding
@@ -247,6 +250,9 @@ class RunInfo:
     windows: int
     memory: str = ""  # GPU memory, when a GPU was used
     reused_task: bool = False
+    localisation: str = "none"  # "registration": segmented only where the registered reference structures can be
+    warnings: list[str] = field(default_factory=list)  # the engine's (e.g. a failed registration), for the user
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -378,27 +384,6 @@ def _encode(segmenter: Segmenter, ref: Reference, names: list[str], colours: lis
     ])
 
 
-def keep_largest_component(label_map: np.ndarray, labels: Sequence[int]) -> np.ndarray:
-    """Each label reduced to its largest 26-connected component."""
-    out = np.zeros_like(label_map)
-    for v in labels:
-        mask = label_map == v
-        if not mask.any():
-            continue
-        image = vtk.vtkImageData()
-        image.SetDimensions(*mask.shape)
-        flat = np.ascontiguousarray(mask.transpose(2, 1, 0)).ravel().astype(np.uint8)
-        image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(flat, deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
-        conn = vtk.vtkImageConnectivityFilter()
-        conn.SetInputData(image)
-        conn.SetScalarRange(1, 1)
-        conn.SetExtractionModeToLargestRegion()
-        conn.Update()
-        largest = _image_array(conn.GetOutput(), mask.shape) > 0
-        out[largest] = v
-    return out
-
-
 def _gpu_memory(device: str) -> str:
     import torch
 
@@ -431,17 +416,42 @@ def _default_engine() -> Engine:
     return _ENGINE
 
 
+_PACKAGE_DIR = os.path.realpath(os.path.dirname(__file__)) + os.sep
+
+
+@contextmanager
+def _engine_warnings(into: list[str]):
+    """Collects the user warnings this library issues meanwhile (also on the worker thread) into `into`, to show
+    them to the user; other warnings are shown as usual."""
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.filterwarnings("always", category=UserWarning, module=r"IrisSegmentLib(\.|$)")
+            yield
+    finally:
+        for w in caught:
+            if issubclass(w.category, UserWarning) and os.path.realpath(w.filename).startswith(_PACKAGE_DIR):
+                into.append(str(w.message))
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
 def compute_segments(target_volume_node, reference_volume_node=None, reference_segmentation_node=None,
                      reference_segment_ids: Sequence[str] | None = None, device: str = "auto",
                      progress: Progress | None = None, cancel: Cancel | None = None, *,
                      extra_references: Sequence[tuple] = (), task: TaskEmbedding | str | os.PathLike | None = None,
-                     overlap: float | None = None, tuning_steps: int = 0, keep_largest: bool = False,
-                     engine: Engine | None = None) -> Pending:
+                     overlap: float | None = None, tuning_steps: int = 0, localise: str | None = None,
+                     postprocess: bool = True, engine: Engine | None = None) -> Pending:
     """Reads the inputs here, segments the target through the engine; nothing is written to the scene.
 
     Either a reference (volume, segmentation, segment IDs or names; None: all segments) with optional
     `extra_references` [(volume or None, segmentation)] for the context ensemble, or a saved `task`.
+    `localise`: "auto", "registration" or "none" (None: the model's default), see `Segmenter.segment`;
+    `postprocess`: the engine's clean-up (largest piece where the reference structure is one piece, holes filled).
+    The engine's warnings (e.g. a failed registration) are in the result's `run.warnings`.
     """
+    if localise is not None and localise not in LOCALISE_MODES:
+        raise IrisInputError(f"unknown localisation {localise!r}: use one of {', '.join(LOCALISE_MODES)}")
     engine = engine or _default_engine()
     cancelled = cancel or (lambda: False)
     image, affine = volume_array(target_volume_node)
@@ -464,13 +474,17 @@ def compute_segments(target_volume_node, reference_volume_node=None, reference_s
         embedding, reused = (saved, False) if saved is not None else engine.task(segmenter, references, infos, tuning_steps, report)
         if cancelled():
             raise Cancelled("segmentation cancelled")
-        result = segmenter.segment(image, affine, embedding, overlap=overlap, progress=report, cancel=cancelled)
-        label_map = keep_largest_component(result.label_map, result.labels) if keep_largest else result.label_map
-        run = RunInfo(result.device, time.perf_counter() - t0, result.windows, _gpu_memory(result.device), reused)
+        result = segmenter.segment(image, affine, embedding, overlap=overlap, progress=report, cancel=cancelled,
+                                   localise=localise, postprocess=postprocess)
+        run = RunInfo(result.device, time.perf_counter() - t0, result.windows, _gpu_memory(result.device), reused,
+                      result.localisation, list(result.warnings), dict(result.stage_seconds))
         flag = segmenter.calibration.flag_below if segmenter.calibration is not None else None
-        return Pending(target_volume_node, affine, label_map, list(result.labels), infos, run, dict(result.confidence), flag)
+        return Pending(target_volume_node, affine, result.label_map, list(result.labels), infos, run, dict(result.confidence), flag)
 
-    pending = engine.run(work, progress)
+    issued: list[str] = []
+    with _engine_warnings(issued):
+        pending = engine.run(work, progress)
+    pending.run.warnings = list(dict.fromkeys([*pending.run.warnings, *issued]))
     engine.last = pending.run
     return pending
 
@@ -583,6 +597,30 @@ def segment_confidence(segmentation_node, segment_ids: Sequence[str]) -> list[tu
     return out
 
 
+def localisation_text(run: RunInfo) -> str:
+    """How the structures were found, as a sentence for the status."""
+    if run.localisation == "registration":
+        seconds = run.stage_seconds.get("localise")
+        took = f" ({seconds:.1f} s)" if seconds is not None else ""
+        return f"Localised by registration{took}: segmented only where the reference structures can be."
+    return "Not localised: segmented the whole field of view."
+
+
+def status_text(run: RunInfo, output_segmentation_node, segment_ids: Sequence[str]) -> str:
+    """What was added, how fast, how it was localised, the engine's warnings, and each segment's estimated Dice
+    (flagged where low): the status the module panel and the Segment Editor effect show."""
+    segmentation = output_segmentation_node.GetSegmentation()
+    names = ", ".join(segmentation.GetSegment(s).GetName() for s in segment_ids if segmentation.GetSegment(s) is not None)
+    extra = "".join(f"; {x}" for x in (run.memory, "reused the reference embedding" if run.reused_task else "") if x)
+    lines = [f"Added {names or 'no segment'} to '{output_segmentation_node.GetName()}' in {run.seconds:.1f} s on {run.device}{extra}.",
+             localisation_text(run)]
+    lines += [f"Warning: {w}" for w in run.warnings]
+    for name, est, low in segment_confidence(output_segmentation_node, segment_ids):
+        if est is not None:
+            lines.append(f"{name}: estimated Dice {est:.2f}" + ("  LOW: check this segment before using it" if low else ""))
+    return "\n".join(lines)
+
+
 def _segment(name: str, info: SegmentInfo):
     segment = slicer.vtkSegment()
     segment.SetName(name)
@@ -600,7 +638,7 @@ def segment_volume(target_volume_node, reference_volume_node, reference_segmenta
     """Segments the target like the reference segments and adds the results to the output; returns the new segment IDs.
 
     `output_segmentation_node` None creates one beside the target. Nothing is added when cancelled
-    or on error. `options`: extra_references, task, overlap, tuning_steps, keep_largest, engine
+    or on error. `options`: extra_references, task, overlap, tuning_steps, localise, postprocess, engine
     (see `compute_segments`) and show_3d.
     """
     show_3d = options.pop("show_3d", False)

@@ -96,7 +96,8 @@ def test_table_rows_pairs_and_registration_on_the_shifted_pairs(models, root, mo
         return np.zeros(qry_image.shape, np.int32), 0.0
 
     monkeypatch.setattr(generalisation, "register_and_warp", identity)
-    records = generalisation.evaluate(seg, held, root, pairs=2, options={})
+    # the whole field of view: registration (Greedy) is not bit-reproducible, and two rows are compared for equality
+    records = generalisation.evaluate(seg, held, root, pairs=2, options={"localise": "none"})
     n_shifts = 1 + len(shifts.INTENSITY) + len(shifts.GEOMETRY)
     assert len(records) == 2 * n_shifts == len(warped)
     assert [(r["query"], r["reference"]) for r in records[:2]] == [("A", "B"), ("B", "C")]

@@ -2,6 +2,7 @@
 table must hold every scenario's every row with consistent numbers. Needs ../shared/data/btcv."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -43,11 +44,11 @@ def test_resample_keeps_world_positions():
 def test_monai_predictor_is_the_product_forward_pass(tiny_cfg, bf16):
     """The MONAI row's predictor computes what the product's window pass does (same autocast), bit for bit."""
     seg = Segmenter(make_tiny_model(tiny_cfg), tiny_cfg, "cpu")
-    seg.cpu_bf16 = bf16
+    seg.runtime = dataclasses.replace(seg.runtime, cpu_bf16=bf16)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 1, *tiny_cfg.model.window, generator=g)
     tokens = torch.randn(3, tiny_cfg.model.num_queries + 1, tiny_cfg.model.token_dim, generator=g)
-    assert torch.equal(speed.probabilities(seg, x, tokens[None]), seg._forward(list(x), tokens))
+    assert torch.equal(speed.probabilities(seg, x, tokens[None]), seg.runtime.forward(seg.model, list(x), tokens))
 
 
 @pytest.fixture(scope="module")

@@ -56,9 +56,10 @@ def test_segment_writes_label_map_with_target_geometry(files, tiny_model_dir_thr
     assert np.array_equal(aff, t_aff)
     assert np.array_equal(hdr.get_sform(), t_hdr.get_sform())
     assert np.issubdtype(labels.dtype, np.integer)
-    # threshold 0: every voxel gets one of the reference's label values, never another number
+    # threshold 0: every voxel gets one of the reference's label values, never another number (0 only where the
+    # post-processing removed a stray piece of a structure: it keeps each one's largest component)
     values = set(np.unique(labels).tolist())
-    assert values and values <= {3, 7}, values
+    assert values - {0} and values <= {0, 3, 7}, values
     stdout = capsys.readouterr().out
     assert f"wrote {out}" in stdout and "label 3" in stdout and "label 7" in stdout
 
@@ -81,10 +82,12 @@ def test_labels_selects(files, tiny_model_dir_threshold0, tmp_path):
 def test_save_task_then_task_gives_identical_output(files, tiny_model_dir, tiny_model_dir_threshold0, tmp_path):
     task_file = tmp_path / "task.safetensors"
     a, b, c = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz", tmp_path / "c.nii.gz"
-    assert main(_seg_args(files, tiny_model_dir, a, "--save-task", str(task_file))) == 0
+    # whole field of view: registration (Greedy) is not bit-reproducible from run to run
+    assert main(_seg_args(files, tiny_model_dir, a, "--save-task", str(task_file), "--localise", "none")) == 0
     task = TaskEmbedding.load(task_file)
     assert task.labels == [3, 7] and task.model_id.startswith("tiny-")
-    assert main(_seg_args(files, tiny_model_dir, b, "--task", str(task_file), refs=False)) == 0
+    assert task.atlases  # the saved task carries its reference for registration
+    assert main(_seg_args(files, tiny_model_dir, b, "--task", str(task_file), "--localise", "none", refs=False)) == 0
     la, lb = read_nifti(a)[0], read_nifti(b)[0]
     assert np.array_equal(la, lb)
     assert np.array_equal(read_nifti(a)[1], read_nifti(b)[1])
@@ -329,24 +332,25 @@ def thick_oblique(tmp_path_factory):
     return d, truth, t_aff
 
 
-def _order_args(d, order, model_dir, out):
+def _order_args(d, order, model_dir, out, *extra):
     return ["segment", "--target", str(d / f"target_{order}.nii.gz"), "--output", str(out), "--model", str(model_dir),
             "--device", "cpu", "--reference-image", str(d / f"ref_{order}.nii.gz"),
-            "--reference-label", str(d / f"ref_label_{order}.nii.gz")]
+            "--reference-label", str(d / f"ref_label_{order}.nii.gz"), *extra]
 
 
 def test_ras_lps_and_permuted_files_give_the_same_world_result(thick_oblique, tiny_model_dir_threshold0, tmp_path):
     """Seeded (untrained) tiny network with threshold 0, two labels: which label wins where depends on every
-    voxel the network saw, so equal outputs mean equal geometry end to end."""
+    voxel the network saw, so equal outputs mean equal geometry end to end. The whole field of view: registration
+    (Greedy) is not bit-reproducible from run to run."""
     d, _, t_aff = thick_oblique
     results = {}
     for order in ("ras", "lps", "sag"):
         out = tmp_path / f"{order}.nii.gz"
-        assert main(_order_args(d, order, tiny_model_dir_threshold0, out)) == 0
+        assert main(_order_args(d, order, tiny_model_dir_threshold0, out, "--localise", "none")) == 0
         labels, aff, _ = read_nifti(out)
         assert np.array_equal(aff, read_nifti(d / f"target_{order}.nii.gz")[1])
         results[order] = _unstore(labels, order)
-    assert set(np.unique(results["ras"]).tolist()) == {3, 7}
+    assert {3, 7} <= set(np.unique(results["ras"]).tolist()) <= {0, 3, 7}  # 0: a stray piece post-processing removed
     np.testing.assert_array_equal(results["lps"], results["ras"])
     np.testing.assert_array_equal(results["sag"], results["ras"])
 

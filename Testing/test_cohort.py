@@ -2,8 +2,10 @@
 sizing, and a cohort of 12 small synthetic studies (one unreadable, one 4D) through real local Dask clusters with 2
 worker processes: results.csv, resume after damage and after Ctrl-C, --overwrite, and outputs identical to `segment`.
 
-The network is the seeded, untrained tiny one with threshold 0: every voxel of a target gets label 1 or 2, so the
-voxel counts of a row add up to the target's voxels and its volumes are checked exactly; quality is not tested.
+The network is the seeded, untrained tiny one with threshold 0: every voxel of a target gets label 1 or 2 (but for
+stray pieces the post-processing removes), so the voxel counts of a row add up to the target's labelled voxels and
+its volumes are checked exactly; quality is not tested. Every run segments the whole field of view (--localise none):
+registration is not bit-reproducible from run to run, and label maps are compared across runs.
 """
 from __future__ import annotations
 
@@ -75,9 +77,11 @@ def cohort(tmp_path_factory):
 
 
 def _batch_args(cohort, model_dir, out, *extra, targets=None):
+    """Whole field of view (--localise none; it is part of the task key, so every run here gives it): registration
+    (Greedy) is not bit-reproducible from run to run, and these tests compare label maps across runs."""
     return ["batch", "--reference-image", str(cohort / "ref.nii.gz"), "--reference-label", str(cohort / "ref_label.nii.gz"),
             "--targets", str(targets or cohort / "targets"), "--output-dir", str(out), "--model", str(model_dir),
-            "--device", "cpu", *extra]
+            "--device", "cpu", "--localise", "none", *extra]
 
 
 def _rows(out) -> dict[str, dict[str, str]]:
@@ -157,7 +161,9 @@ def test_results_csv_complete_and_correct(first_run, cohort):
             assert r[est] == ""  # the tiny model folder has no confidence calibration
             assert int(r[vx]) == np.count_nonzero(labels == v)
             assert float(r[ml]) == pytest.approx(int(r[vx]) * voxel_ml, abs=5e-5)
-        assert int(r["label 1_voxels"]) + int(r["label 2_voxels"]) == labels.size  # threshold 0: every voxel labelled
+        # threshold 0: every voxel labelled, but for the stray pieces the post-processing removed (it keeps each
+        # structure's largest component)
+        assert int(r["label 1_voxels"]) + int(r["label 2_voxels"]) == np.count_nonzero(labels) >= 0.95 * labels.size
         assert np.array_equal(labels, maps[sid])
     assert {r["worker"] for r in rows.values()} <= {"0", "1"}
     assert not [p for p in out.rglob(".iris-*") if p.name != R.LOCK]  # no temporary file left
@@ -171,7 +177,7 @@ def test_outputs_identical_to_segment(first_run, cohort, tiny_model_dir_threshol
     single = tmp_path / "single.nii.gz"
     assert main(["segment", "--reference-image", str(cohort / "ref.nii.gz"), "--reference-label", str(cohort / "ref_label.nii.gz"),
                  "--target", str(target), "--output", str(single), "--model", str(tiny_model_dir_threshold0),
-                 "--device", "cpu"]) == 0
+                 "--device", "cpu", "--localise", "none"]) == 0
     a, a_aff, a_hdr = read_nifti(single)
     b, b_aff, b_hdr = read_nifti(out / f"{sid}.nii.gz")
     assert np.array_equal(a, b) and a.dtype == b.dtype

@@ -78,14 +78,14 @@ class ConstantModel:
 
 def test_window_spread_is_zero_where_windows_agree_and_positive_where_not(tiny_cfg):
     work = torch.rand(1, 48, 40, 36)
-    probs, spread, n = Segmenter(ConstantModel(), tiny_cfg, "cpu")._sliding_window(work, torch.zeros(1, 1, 1), 0.5, lambda f, m: None,
-                                                                                   None, "full", spread=True)
+    probs, spread, n = Segmenter(ConstantModel(), tiny_cfg, "cpu").probabilities(work, torch.zeros(1, 1, 1), 0.5, lambda f, m: None,
+                                                                                 None, "full", spread=True)
     assert n > 1 and spread.shape == probs.shape and float(spread.max()) < 1e-3
-    probs, spread, _ = Segmenter(PositionModel(), tiny_cfg, "cpu")._sliding_window(work, torch.zeros(1, 1, 1), 0.5, lambda f, m: None,
-                                                                                    None, "full", spread=True)
+    probs, spread, _ = Segmenter(PositionModel(), tiny_cfg, "cpu").probabilities(work, torch.zeros(1, 1, 1), 0.5, lambda f, m: None,
+                                                                                 None, "full", spread=True)
     assert float(spread.max()) > 0.2
-    assert Segmenter(ConstantModel(), tiny_cfg, "cpu")._sliding_window(work, torch.zeros(1, 1, 1), 0.5, lambda f, m: None, None,
-                                                                       "full")[1] is None
+    assert Segmenter(ConstantModel(), tiny_cfg, "cpu").probabilities(work, torch.zeros(1, 1, 1), 0.5, lambda f, m: None, None,
+                                                                     "full")[1] is None
 
 
 @pytest.fixture()
@@ -111,11 +111,11 @@ def test_segment_returns_estimated_dice_with_a_calibration_of_these_weights(cali
     img, aff, lab = _volumes()
     seg = Segmenter.load(str(calibrated_dir), "cpu")
     task = seg.encode(img, aff, lab)
-    assert set(task.references[0]) == {"ml", "self_dice"} and 0 <= task.references[0]["self_dice"] <= 1
-    res = seg.segment(img, aff, task)
+    assert set(task.references[0]) == {"ml", "pieces", "self_dice"} and 0 <= task.references[0]["self_dice"] <= 1
+    res = seg.segment(img, aff, task, localise="none")  # registration is stochastic: compare the network's label maps
     assert list(res.confidence) == [1] and 0 <= res.confidence[1] <= 1
     assert set(res.confidence_features[1]) == {"voxels", *FEATURES}
-    quiet = seg.segment(img, aff, seg.encode(img, aff, lab, confidence=False), confidence=False)
+    quiet = seg.segment(img, aff, seg.encode(img, aff, lab, confidence=False), confidence=False, localise="none")
     assert quiet.confidence == {} and quiet.confidence_features == {} and np.array_equal(quiet.label_map, res.label_map)
     # other weights: the calibration is not used, and the user is told how to refit it
     other = tmp_path / "other"
@@ -174,6 +174,7 @@ def test_bundled_model_estimates_a_wrong_reference_below_the_right_one():
     estimates = {}
     for name, (img, aff, lab) in {"right": ref, "hippocampus": (hippo[0], hippo[1], (hippo[2] > 0).astype(np.uint8)),
                                   "block": (ref[0], ref[1], block)}.items():
-        res = seg.segment(query[0], query[1], seg.encode(img, aff, lab, labels=[1]))
+        # unlocalised: the shipped calibration was fitted before localisation existed (its refit is owed)
+        res = seg.segment(query[0], query[1], seg.encode(img, aff, lab, labels=[1]), localise="none")
         estimates[name] = res.confidence[1]
     assert estimates["right"] > estimates["hippocampus"] and estimates["right"] > estimates["block"], estimates

@@ -17,7 +17,7 @@ import torch
 
 from conftest import REPO_ROOT, OracleModel, dice, ellipsoid_mask, make_affine, make_tiny_model, rot_x, rot_z, voxel_world
 from IrisSegmentLib.errors import Cancelled
-from IrisSegmentLib.inference import segmenter as segmenter_module
+from IrisSegmentLib.inference import labelmap as labelmap_module
 from IrisSegmentLib.inference.geometry import WorkingGrid
 from IrisSegmentLib.inference.segmenter import Segmenter
 
@@ -70,10 +70,10 @@ def test_oom_halves_the_batch_and_gives_the_same_result(many_windows_cfg):
     image, mask = _scene((40, 36, 14), OBLIQUE)
     clean = Segmenter(OracleModel(), many_windows_cfg, "cpu")
     task = clean.encode(image, OBLIQUE, mask.astype(np.uint8))
-    expected = clean.segment(image, OBLIQUE, task)
+    expected = clean.segment(image, OBLIQUE, task, localise="none")
     seg = Segmenter(OomOracle(max_batch=2), many_windows_cfg, "cpu")
     with pytest.warns(UserWarning) as record:
-        result = seg.segment(image, OBLIQUE, task)
+        result = seg.segment(image, OBLIQUE, task, localise="none")
     messages = [str(w.message) for w in record]
     assert messages == ["GPU out of memory: retrying with 4 window(s) per batch",
                         "GPU out of memory: retrying with 2 window(s) per batch"]
@@ -88,18 +88,18 @@ def test_oom_with_one_window_continues_on_the_cpu(many_windows_cfg):
     image, mask = _scene((40, 36, 14), OBLIQUE)
     clean = Segmenter(OracleModel(), many_windows_cfg, "cpu")
     task = clean.encode(image, OBLIQUE, mask.astype(np.uint8))
-    expected = clean.segment(image, OBLIQUE, task).label_map
+    expected = clean.segment(image, OBLIQUE, task, localise="none").label_map
     seg = Segmenter(OomOracle(gpu_full=True), many_windows_cfg, "cpu")
-    seg.device = torch.device("meta")
+    seg.runtime = dataclasses.replace(seg.runtime, device=torch.device("meta"))
     with pytest.warns(UserWarning) as record:
-        result = seg.segment(image, OBLIQUE, task)
+        result = seg.segment(image, OBLIQUE, task, localise="none")
     messages = [str(w.message) for w in record]
     assert messages[-1] == "GPU out of memory even with one window: continuing on the CPU (slower)"
     assert messages[:-1] == [f"GPU out of memory: retrying with {n} window(s) per batch" for n in (4, 2, 1)]
     assert seg.device.type == "cpu" and result.device == "cpu"
     np.testing.assert_array_equal(result.label_map, expected)
     # encoding a reference (one window at a time) goes straight to the CPU
-    seg.device = torch.device("meta")
+    seg.runtime = dataclasses.replace(seg.runtime, device=torch.device("meta"))
     with pytest.warns(UserWarning, match="continuing on the CPU"):
         again = seg.encode(image, OBLIQUE, mask.astype(np.uint8))
     assert seg.device.type == "cpu" and torch.equal(again.tokens, task.tokens)
@@ -110,14 +110,14 @@ def test_cancel_in_the_middle_raises_and_leaves_no_state(many_windows_cfg):
     image, mask = _scene((40, 36, 14), OBLIQUE)
     seg = Segmenter(OracleModel(), many_windows_cfg, "cpu")
     task = seg.encode(image, OBLIQUE, mask.astype(np.uint8))
-    expected = seg.segment(image, OBLIQUE, task, overlap=0.75)
+    expected = seg.segment(image, OBLIQUE, task, overlap=0.75, localise="none")
     reports = []
     with pytest.raises(Cancelled):
         seg.segment(image, OBLIQUE, task, overlap=0.75, progress=lambda f, m: reports.append(m),
-                    cancel=lambda: any(m.startswith("window ") for m in reports), strategy="full")
+                    cancel=lambda: any(m.startswith("window ") for m in reports), strategy="full", localise="none")
     done, total = map(int, reports[-1].split()[1].split("/"))
     assert 0 < done < total  # cancelled between two batches of windows
-    result = seg.segment(image, OBLIQUE, task, overlap=0.75)  # the next run is unaffected
+    result = seg.segment(image, OBLIQUE, task, overlap=0.75, localise="none")  # the next run is unaffected
     np.testing.assert_array_equal(result.label_map, expected.label_map)
 
 
@@ -164,18 +164,19 @@ def test_working_image_is_the_same_for_any_axis_order_of_the_file(tiny_cfg):
     np.testing.assert_allclose(voxel_world(shape, ras)[5, 7, 9], voxel_world(lps_image.shape, lps)[shape[0] - 6, shape[1] - 8, 9])
     np.testing.assert_allclose(voxel_world(shape, ras)[5, 7, 9], voxel_world(sag_image.shape, sag)[9, 5, 7])
     seg = Segmenter(OracleModel(), tiny_cfg, "cpu")
-    work, grid, _ = seg._prepare(image, ras, "auto", "target image")
+    ref = seg.prepare(image, ras, "auto", "target image")
     for other, aff in ((lps_image, lps), (sag_image, sag)):
-        w, g, _ = seg._prepare(other, aff, "auto", "target image")
-        assert g.working_shape == grid.working_shape and np.allclose(g.working_affine, grid.working_affine)
-        assert torch.equal(w, work)
+        p = seg.prepare(other, aff, "auto", "target image")
+        assert p.grid.working_shape == ref.grid.working_shape and np.allclose(p.grid.working_affine, ref.grid.working_affine)
+        assert torch.equal(p.work, ref.work)
 
 
 # -- the result is streamed onto the target grid ---------------------------------------------------
 @pytest.mark.parametrize("slab_values", [1, 3000, 1 << 22])
 def test_streamed_label_map_equals_the_full_volume_one(tiny_cfg, monkeypatch, slab_values):
     """Oblique, LPS, 5 mm slices, three classes, the seeded (untrained) tiny network: the slab-by-slab label map
-    is the one the previous full-volume resampling gave, voxel for voxel, for any slab size."""
+    of `segment` is the one the previous full-volume resampling gives from the same probabilities (the engine's
+    public stages), voxel for voxel, for any slab size."""
     shape = (37, 29, 9)
     aff = make_affine(LPS @ rot_z(20) @ rot_x(10) @ np.diag([0.9, 1.1, 5.0]), [10.0, 20.0, -30.0])
     image, mask = _scene(shape, aff, radii=(12.0, 10.0, 15.0))
@@ -184,10 +185,12 @@ def test_streamed_label_map_equals_the_full_volume_one(tiny_cfg, monkeypatch, sl
     label[:4, :4, :] = 9
     seg = Segmenter(make_tiny_model(tiny_cfg), tiny_cfg, "cpu")
     task = seg.encode(image, aff, label)
-    monkeypatch.setattr(segmenter_module, "SLAB_VALUES", slab_values)
-    streamed = seg.segment(image, aff, task).label_map
-    monkeypatch.setattr(Segmenter, "_to_label_map", full_volume_label_map)
-    full = seg.segment(image, aff, task).label_map
+    monkeypatch.setattr(labelmap_module, "SLAB_VALUES", slab_values)
+    streamed = seg.segment(image, aff, task, localise="none", postprocess=False).label_map
+    target = seg.prepare(image, aff, "auto", "target image")
+    probs, _, _ = seg.probabilities(target.work, task.tokens, tiny_cfg.inference.overlap, lambda f, m: None)
+    full = full_volume_label_map(probs, target.grid, task.labels, tiny_cfg.inference.threshold)
+    assert np.array_equal(labelmap_module.to_label_map(probs, target.grid, task.labels, tiny_cfg.inference.threshold), streamed)
     assert streamed.dtype == full.dtype == np.uint8
     assert len(np.unique(full)) >= 3  # the untrained network still gives several classes: the arg-max is exercised
     np.testing.assert_array_equal(streamed, full)
@@ -211,12 +214,12 @@ def test_no_target_sized_float_array_is_made(tiny_cfg, monkeypatch):
     def refuse(self, array):
         raise AssertionError("the whole target was resampled at once")
 
-    monkeypatch.setattr(segmenter_module, "SLAB_VALUES", 20_000)
+    monkeypatch.setattr(labelmap_module, "SLAB_VALUES", 20_000)
     monkeypatch.setattr(WorkingGrid, "from_working_rows", spy)
     monkeypatch.setattr(WorkingGrid, "from_working", refuse)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        result = seg.segment(image, OBLIQUE, task)
+        result = seg.segment(image, OBLIQUE, task, localise="none")
     assert dice(result.label_map == 1, mask) > 0.85
     row = int(np.prod(WorkingGrid.create(shape, OBLIQUE, tiny_cfg.model.spacing).reoriented_shape[1:]))
     assert len(sizes) > 1 and sum(sizes) == image.size and max(sizes) <= max(20_000, row)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -465,7 +466,7 @@ def test_model_and_task_cached_between_runs(case, band_oracle):
     assert model.encodes > encodes and engine.last.reused_task is False
 
 
-def test_context_ensemble_and_keep_largest(case, band_oracle):
+def test_context_ensemble(case, band_oracle):
     scene, ref, seg_node, target = case
     _, engine = band_oracle
     world2 = grid(rot_z(60), [1.0, 1.0, 1.4], [50, 50, 34], [-2, 2, -1])
@@ -475,7 +476,7 @@ def test_context_ensemble_and_keep_largest(case, band_oracle):
     sid = seg2.GetSegmentation().AddEmptySegment("", "Liver ", [1, 0, 0])  # matched by name, case and spaces aside
     labels = truth((50, 50, 34), world2)["liver"].astype(np.uint8)
     slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(mrml._oriented_image(labels, world2), seg2, sid, 0)
-    pending = mrml.compute_segments(target, ref, seg_node, None, "cpu", extra_references=[(None, seg2)], keep_largest=True, engine=engine)
+    pending = mrml.compute_segments(target, ref, seg_node, None, "cpu", extra_references=[(None, seg2)], engine=engine)
     expected = truth(TARGET_SHAPE, TARGET_WORLD, SHIFT)
     assert dice(pending.label_map == 1, expected["liver"]) > 0.85
     assert dice(pending.label_map == 2, expected["spleen"]) > 0.85
@@ -485,13 +486,109 @@ def test_context_ensemble_and_keep_largest(case, band_oracle):
         mrml.compute_segments(target, ref, seg_node, None, "cpu", extra_references=[(ref2, lonely)], engine=engine)
 
 
-def test_keep_largest_component():
-    lm = np.zeros((12, 12, 12), np.uint8)
-    lm[1:5, 1:5, 1:5] = 1
-    lm[8:10, 8:10, 8:10] = 1
-    lm[6, 0, 0] = 2
-    out = mrml.keep_largest_component(lm, [1, 2, 3])
-    assert (out == 1).sum() == 64 and (out == 2).sum() == 1 and out[8, 8, 8] == 0
+def _stray_blob(shape, ijk_to_world, size: int = 6) -> tuple[slice, slice, slice]:
+    """A cube of voxels at least 8 mm from every phantom structure (and 3 voxels from the faces)."""
+    p = voxel_world(shape, ijk_to_world)
+    far = np.ones(shape, bool)
+    for _, centre, radius, _ in STRUCTURES:
+        far &= np.linalg.norm(p - (centre + SHIFT), axis=-1) > radius + 8
+    for i, j, k in np.argwhere(far):
+        box = tuple(slice(int(a), int(a) + size) for a in (i, j, k))
+        if all(3 <= b.start and b.stop <= n - 3 for b, n in zip(box, shape)) and far[box].all():
+            return box
+    raise AssertionError("no room for a blob")
+
+
+def test_postprocessing_is_the_engines(case, band_oracle):
+    """Clean-up is the engine's post-processing (largest piece of a one-piece reference structure), switched by
+    `postprocess`: a stray blob of liver-like intensity far from the liver is dropped, or kept when it is off."""
+    scene, ref, seg_node, target = case
+    _, engine = band_oracle
+    assert not hasattr(mrml, "keep_largest_component")  # no VTK filtering of its own any more
+    array = phantom(TARGET_SHAPE, TARGET_WORLD, SHIFT)
+    blob = _stray_blob(TARGET_SHAPE, TARGET_WORLD)
+    array[blob] = STRUCTURES[0][3]
+    stray = add_volume(scene, "target with a stray blob", array, TARGET_WORLD)
+    expected = truth(TARGET_SHAPE, TARGET_WORLD, SHIFT)["liver"]
+    kept = mrml.compute_segments(stray, ref, seg_node, None, "cpu", localise="none", postprocess=False, engine=engine)
+    cleaned = mrml.compute_segments(stray, ref, seg_node, None, "cpu", localise="none", postprocess=True, engine=engine)
+    assert (kept.label_map[blob] == 1).mean() > 0.5
+    assert (cleaned.label_map[blob] == 0).all()
+    assert dice(cleaned.label_map == 1, expected) > 0.85 and dice(cleaned.label_map == 1, expected) >= dice(kept.label_map == 1, expected)
+
+
+def test_localise_option_reaches_the_engine(case, band_oracle, monkeypatch):
+    """"none" segments the whole field of view; "registration" registers the reference (Greedy in a child process)
+    and says so in the status; each reaches Segmenter.segment as given; an unknown one is refused before any work."""
+    scene, ref, seg_node, target = case
+    model, engine = band_oracle
+    seen = []
+    segment = Segmenter.segment
+
+    def spy(self, *args, **kwargs):
+        seen.append((kwargs["localise"], kwargs["postprocess"]))
+        return segment(self, *args, **kwargs)
+
+    monkeypatch.setattr(Segmenter, "segment", spy)
+    expected = truth(TARGET_SHAPE, TARGET_WORLD, SHIFT)
+    runs = {}
+    for mode in ("none", "registration"):
+        reports = []
+        pending = mrml.compute_segments(target, ref, seg_node, None, "cpu", localise=mode, engine=engine,
+                                        progress=lambda f, m: reports.append(m))
+        runs[mode] = pending.run
+        assert pending.run is engine.last and pending.run.warnings == []
+        assert dice(pending.label_map == 1, expected["liver"]) > 0.85 and dice(pending.label_map == 2, expected["spleen"]) > 0.85
+        if mode == "none":
+            assert not any(m.startswith("registering") for m in reports)
+    assert seen == [("none", True), ("registration", True)]
+    assert runs["none"].localisation == "none" and runs["registration"].localisation == "registration"
+    assert runs["registration"].stage_seconds["localise"] > runs["none"].stage_seconds["localise"]
+    out = mrml.create_output_segmentation(target)
+    ids = mrml.write_segments(pending, out)
+    status = mrml.status_text(runs["registration"], out, ids).splitlines()
+    assert status[0].startswith("Added liver, spleen to ") and status[1].startswith("Localised by registration (")
+    assert mrml.status_text(runs["none"], out, ids).splitlines()[1] == "Not localised: segmented the whole field of view."
+    mrml.compute_segments(target, ref, seg_node, None, "cpu", engine=engine)  # the model's default
+    assert seen[-1] == (None, True)
+    nodes = scene.GetNumberOfNodes()
+    with pytest.raises(IrisInputError, match="unknown localisation 'rigid': use one of auto, registration, none"):
+        mrml.compute_segments(target, ref, seg_node, None, "cpu", localise="rigid", engine=engine)
+    assert len(seen) == 3 and scene.GetNumberOfNodes() == nodes
+
+
+def test_failed_registration_warns_in_the_status(case, band_oracle, monkeypatch, tmp_path):
+    """A registration that fails (here: the Greedy child process exits with an error) falls back to the whole
+    field of view; the engine's warnings reach the run info and the status, also from the worker thread."""
+    from IrisSegmentLib.inference import localise as localise_module
+
+    scene, ref, seg_node, target = case
+    model, _ = band_oracle
+    job = tmp_path / "failing_greedy_job.py"
+    job.write_text('print("stage 1/4", flush=True)\nprint("error: simulated Greedy failure", flush=True)\nraise SystemExit(1)\n')
+    monkeypatch.setattr(localise_module, "JOB", job)
+    engine = mrml.Engine(Segmenter(model, BundleConfig.load(TINY_CONFIG), "cpu", model_id="oracle"), wait=lambda: None, slice_s=0.001)
+    pending = mrml.compute_segments(target, ref, seg_node, None, "cpu", localise="auto", engine=engine)
+    run = pending.run
+    assert run.localisation == "none"
+    assert "reference 1: registration failed: simulated Greedy failure" in run.warnings
+    fallback = [w for w in run.warnings if w.startswith("registration failed for every reference: segmenting the whole field of view")]
+    assert len(fallback) == 1 and len(run.warnings) == len(set(run.warnings))  # reported once though also warned
+    expected = truth(TARGET_SHAPE, TARGET_WORLD, SHIFT)
+    assert dice(pending.label_map == 1, expected["liver"]) > 0.85  # segmented all the same
+    out = mrml.create_output_segmentation(target)
+    status = mrml.status_text(run, out, mrml.write_segments(pending, out)).splitlines()
+    assert status[1] == "Not localised: segmented the whole field of view."
+    assert "Warning: reference 1: registration failed: simulated Greedy failure" in status
+    assert f"Warning: {fallback[0]}" in status
+    # A warning only issued through `warnings` (not in the result) reaches the status too; other packages' do not.
+    flat = add_volume(scene, "blank", np.zeros((20, 20, 20), np.int16), grid(np.eye(3), [1.0] * 3, [20] * 3, [0, 0, 0]))
+    with pytest.warns(UserWarning, match="from another package"):  # shown as usual
+        blank = mrml.compute_segments(flat, ref, seg_node, None, "cpu", localise="none", engine=engine,
+                                      progress=lambda f, m: warnings.warn("from another package"))
+    assert "target image is constant: nothing can be segmented; the result is empty" in blank.run.warnings
+    assert not any("another package" in w for w in blank.run.warnings)
+    assert not blank.label_map.any()
 
 
 def test_saved_task_segments_without_reference(case, band_oracle, tmp_path):
@@ -547,7 +644,8 @@ def test_estimated_dice_in_segment_tags_survives_seg_nrrd_round_trip(case, band_
     _, engine = band_oracle
     segmenter = engine.segmenter("cpu")
     segmenter.calibration = Calibration(mean=[0.5, 0.1, 0.5, 0.5, 0.5], std=[0.2] * 5, weights=[1.0, -1.0, -0.5, -0.5, 0.5],
-                                        bias=0.3, flag_below=0.999)
+                                        bias=0.3, flag_below=0.999,
+                                        features=("mean_prob", "disagreement", "boundary", "volume_ratio", "self_dice"))
     pending = mrml.compute_segments(target, ref, seg_node, None, "cpu", engine=engine)
     assert sorted(pending.confidence) == [1, 2] and pending.flag_below == 0.999
     out = mrml.create_output_segmentation(target)

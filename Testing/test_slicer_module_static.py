@@ -91,6 +91,69 @@ def test_effect_follows_the_scripted_effect_conventions():
     assert "SegmentEditorIrisLib" in MODULE_PY.read_text() and 'connect("startupCompleted()", registerEditorEffect)' in MODULE_PY.read_text()
 
 
+def _ui_label_of(widget_name: str) -> str:
+    """The text of the QLabel in the form row of `widget_name`."""
+    for layout in ET.parse(UI_FILE).iter("layout"):
+        items = layout.findall("item")
+        row = next((i.get("row") for i in items if i.find("widget") is not None and i.find("widget").get("name") == widget_name), None)
+        if row is not None:
+            label = next(i.find("widget") for i in items if i.get("row") == row and i.get("column") == "0")
+            return label.find("property/string").text
+    raise AssertionError(f"{widget_name} is in no form layout")
+
+
+def _module_constants() -> dict:
+    """Module-level constants of IrisSegment.py, read without importing it (it needs Slicer)."""
+    import ast
+
+    out = {}
+    for node in ast.parse(MODULE_PY.read_text()).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            with contextlib.suppress(ValueError):
+                out[node.targets[0].id] = ast.literal_eval(node.value)
+    return out
+
+
+def test_localisation_choice_in_panel_and_effect():
+    """A "Localisation" combo box in the panel and in the effect: the engine's modes, auto first (the default),
+    with a tooltip saying what auto and none do; the panel stores it in the parameter node, the effect in an
+    effect parameter, and both pass it to the logic."""
+    from IrisSegmentLib.config import LOCALISE_MODES
+
+    assert ui_widgets()["localiseComboBox"] == "QComboBox" and _ui_label_of("localiseComboBox") == "Localisation:"
+    constants = _module_constants()
+    assert [v for v, _ in constants["LOCALISE_CHOICES"]] == list(LOCALISE_MODES) and LOCALISE_MODES[0] == "auto"
+    tooltip = constants["LOCALISE_TOOLTIP"]
+    assert "auto: register the reference onto the target and segment only where its structures can be" in tooltip
+    assert "none: segment the whole field of view" in tooltip
+    module, effect = MODULE_PY.read_text(), EFFECT_PY.read_text()
+    assert '("Localise", "auto")' in module and '"localise": parameterNode.GetParameter("Localise")' in module
+    assert re.search(r'def segment\(self, .*?localise="auto"', module, re.S) and "localise=localise" in module
+    assert 'addLabeledOptionsWidget("Localisation:", self.localiseComboBox)' in effect
+    assert 'setParameter("IrisLocalise"' in effect and 'setParameterDefault("IrisLocalise"' in effect
+    assert "localise=self._localise()" in effect
+
+
+def test_postprocessing_is_the_engines():
+    """The panel's clean-up option maps to the engine's post-processing (no VTK connectivity filter of its own)."""
+    assert ui_widgets()["postprocessCheckBox"] == "QCheckBox" and "keepLargestCheckBox" not in ui_widgets()
+    lib = (ROOT / "IrisSegmentLib" / "mrml.py").read_text()
+    assert "vtkImageConnectivityFilter" not in lib and "postprocess=postprocess" in lib
+    assert '"postprocess": parameterNode.GetParameter("PostProcess")' in MODULE_PY.read_text()
+    assert 'postprocess=options["postprocess"]' in EFFECT_PY.read_text()
+
+
+def test_requirements_name_their_import():
+    """Every requirement of the library maps to the module it installs (checked against this environment, which
+    has them all): PyYAML is `yaml`."""
+    constants = _module_constants()
+    names = [re.match(r"[A-Za-z0-9_.-]+", line).group(0) for line in (MODULE_DIR / "Resources" / "requirements.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert {"nibabel", "picsl_greedy"} <= set(names)
+    missing = [n for n in names if importlib.util.find_spec(constants["IMPORT_NAMES"].get(n, n)) is None]
+    assert missing == []
+
+
 # -- test doubles ----------------------------------------------------------------------------------
 class Qt:
     Unchecked, Checked = 0, 2
@@ -613,8 +676,11 @@ def test_apply_calls_logic_with_the_selection(panel):
     w.ui.overlapSpinBox.emit("valueChanged(double)", 0.25)
     w.ui.tuningStepsSpinBox.value = 5
     w.ui.tuningStepsSpinBox.emit("valueChanged(int)", 5)
-    w.ui.keepLargestCheckBox.checked = True
-    w.ui.keepLargestCheckBox.emit("toggled(bool)", True)
+    assert w.ui.postprocessCheckBox.checked and w.ui.localiseComboBox.currentText == "auto"  # the defaults
+    w.ui.postprocessCheckBox.checked = False
+    w.ui.postprocessCheckBox.emit("toggled(bool)", False)
+    w.ui.localiseComboBox.choose("none (whole field of view)")
+    assert w._parameterNode.GetParameter("Localise") == "none"
     seen = {}
 
     def during():  # while running: only Cancel is enabled, progress is shown
@@ -626,8 +692,8 @@ def test_apply_calls_logic_with_the_selection(panel):
     w.ui.applyButton.click()
     name, args, kwargs = w.logic.calls[0]
     assert name == "segment" and args == (panel.target, panel.ref, panel.seg, ["S2"], None)
-    assert kwargs == {"extraReferences": [(None, panel.extra)], "device": "cpu", "overlap": 0.25, "tuningSteps": 5,
-                      "keepLargest": True, "show3D": False}
+    assert kwargs == {"extraReferences": [(None, panel.extra)], "device": "cpu", "localise": "none", "overlap": 0.25,
+                      "tuningSteps": 5, "postprocess": False, "show3D": False}
     assert seen == {"apply": False, "cancel": True, "bar": 50, "status": "window 1/2", "save": False}
     assert w.logic.calls[1][0] == "requestCancel"
     assert w.ui.applyButton.enabled and not w.ui.cancelButton.enabled and not w.ui.progressBar.visible
@@ -689,11 +755,14 @@ def test_gui_restored_from_parameter_node(panel):
     p.SetParameter("Device", "cuda")
     p.SetParameter("Overlap", "0.75")
     p.SetParameter("Show3D", "true")
+    p.SetParameter("Localise", "registration")
+    p.SetParameter("PostProcess", "false")
     p.EndModify(wasModified)
     assert w.ui.referenceSegmentationSelector.currentNode() is panel.seg and w.ui.targetVolumeSelector.currentNode() is panel.target
     assert w.ui.extraReferencesSelector.checkedNodes() == [panel.extra]
     assert [w.ui.referenceSegmentsList.item(i).checkState() for i in range(2)] == [Qt.Unchecked, Qt.Checked]
     assert w.ui.deviceComboBox.currentText == "GPU: Fake GPU" and w.ui.overlapSpinBox.value == 0.75 and w.ui.show3DCheckBox.checked
+    assert w.ui.localiseComboBox.currentText == "registration" and not w.ui.postprocessCheckBox.checked
     assert w.ui.applyButton.enabled
 
 
@@ -716,7 +785,8 @@ def test_parameter_node_calls_exist_on_the_real_mrml_node(panel, monkeypatch):
 class FakeScriptedEffect:
     """TEST DOUBLE of the C++ qSlicerSegmentEditorScriptedEffect the editor hands to the effect: it records
     saveStateForUndo and modifySegmentByLabelmap in a shared log (the real one stores the segmentation's
-    state for Undo and writes the labelmap through the editor's masking)."""
+    state for Undo and writes the labelmap through the editor's masking). A parameter that changes value
+    modifies the parameter set node (FakeSegmentEditorNode), as the real one does."""
 
     def __init__(self, log, parameter_set_node):
         self.log, self._node, self.parameters, self.name = log, parameter_set_node, {}, ""
@@ -734,13 +804,60 @@ class FakeScriptedEffect:
         return self.parameters.get(name, "")
 
     def setParameter(self, name, value):
+        changed = self.parameters.get(name) != value
         self.parameters[name] = value
+        if changed:
+            self._node.modified()
+
+    def setParameterDefault(self, name, value):
+        self.parameters.setdefault(name, value)
 
     def addOptionsWidget(self, widget):
         pass
 
     def addLabeledOptionsWidget(self, label, widget):
         pass
+
+
+class FakeSegmentEditorNode:
+    """TEST DOUBLE of vtkMRMLSegmentEditorNode: its source volume and segmentation, and its Modified event, which
+    the editor answers synchronously by calling the active effect's updateGUIFromMRML (once at the end of a
+    StartModify/EndModify batch, as slicer.util.NodeModify makes)."""
+
+    def __init__(self, source, segmentation):
+        self.source, self.segmentation, self.on_modified, self._batch, self._dirty = source, segmentation, None, 0, False
+
+    def GetSourceVolumeNode(self):
+        return self.source
+
+    def GetSegmentationNode(self):
+        return self.segmentation
+
+    def StartModify(self):
+        self._batch += 1
+        return self._batch - 1
+
+    def EndModify(self, was):
+        self._batch = was
+        if not self._batch and self._dirty:
+            self._dirty = False
+            self.modified()
+
+    def modified(self):
+        if self._batch:
+            self._dirty = True
+        elif self.on_modified is not None:
+            self.on_modified()
+
+
+@contextlib.contextmanager
+def node_modify(node):
+    """slicer.util.NodeModify."""
+    was = node.StartModify()
+    try:
+        yield node
+    finally:
+        node.EndModify(was)
 
 
 @pytest.fixture()
@@ -753,17 +870,19 @@ def effect(monkeypatch):
     ref_volume = FakeNode(scene, "vol_ref", "reference")
     ref_seg = FakeNode(scene, "seg_ref", "reference segmentation", source=ref_volume)
     ref_seg.add_segment("S1", "liver")
-    parameter_set_node = types.SimpleNamespace(GetSourceVolumeNode=lambda: source, GetSegmentationNode=lambda: edited)
+    parameter_set_node = FakeSegmentEditorNode(source, edited)
     modules = make_fake_modules(scene, errors)
     qt = modules["qt"]
-    for name in ("QPushButton", "QHBoxLayout", "QProgressBar"):
+    for name in ("QPushButton", "QHBoxLayout", "QProgressBar", "QLabel"):
         setattr(qt, name, lambda *a, _n=name: FakeWidget(_n, _n))
     qt.QListWidget = lambda: FakeListWidget("segmentsList", "QListWidget")
+    qt.QComboBox = lambda: FakeComboBox("localiseComboBox", "QComboBox")
     qt.QIcon = lambda *a: None
     slicer = modules["slicer"]
     slicer.qMRMLNodeComboBox = lambda: FakeNodeComboBox("combo", "qMRMLNodeComboBox")
     slicer.qSlicerSegmentEditorAbstractEffect = types.SimpleNamespace(ModificationModeSet=0)
     slicer.util.showStatusMessage = lambda *a: None
+    slicer.util.NodeModify = node_modify
 
     def add_node(cls, name):
         node = FakeNode(scene, f"preview{len(scene.nodes)}", name)
@@ -782,11 +901,16 @@ def effect(monkeypatch):
     editor_effects.AbstractScriptedSegmentEditorEffect = AbstractScriptedSegmentEditorEffect
     modules["SegmentEditorEffects"] = editor_effects
 
+    constants = _module_constants()
+
     class Logic:
         cancel = False
+        LOCALISE_CHOICES, LOCALISE_TOOLTIP = constants["LOCALISE_CHOICES"], constants["LOCALISE_TOOLTIP"]
+        status = ""
+        computed: list = []  # the keyword arguments of each compute
 
         def options(self, parameterNode):
-            return {"device": "cpu", "overlap": 0.5, "tuningSteps": 0, "keepLargest": False, "show3D": False}
+            return {"device": "cpu", "localise": "auto", "overlap": 0.5, "tuningSteps": 0, "postprocess": True, "show3D": False}
 
         def getParameterNode(self):
             return None
@@ -801,6 +925,7 @@ def effect(monkeypatch):
             if self.cancel:
                 raise Cancelled("segmentation cancelled")
             log.append("computed")
+            self.computed.append(kwargs)
             return types.SimpleNamespace(target_node=target, labels=[1, 2])
 
         def write(self, pending, node, add=None, show3D=False):
@@ -815,9 +940,10 @@ def effect(monkeypatch):
             return ids
 
         def statusText(self, ids):
-            return ""
+            return self.status
 
     logic = Logic()
+    logic.computed = []
     slicer.util.getModuleLogic = lambda name: logic
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
@@ -830,10 +956,13 @@ def effect(monkeypatch):
     spec = importlib.util.spec_from_file_location("SegmentEditorIrisEffect_under_test", EFFECT_PY)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    fx = module.SegmentEditorIrisEffect(FakeScriptedEffect(log, parameter_set_node))
+    scripted = FakeScriptedEffect(log, parameter_set_node)
+    fx = module.SegmentEditorIrisEffect(scripted)
     fx.setupOptionsFrame()
+    fx.setMRMLDefaults()
+    parameter_set_node.on_modified = fx.updateGUIFromMRML  # the editor, once the effect is active
     fx.referenceSegmentationSelector.choose(ref_seg)
-    return types.SimpleNamespace(fx=fx, log=log, errors=errors, logic=logic, edited=edited)
+    return types.SimpleNamespace(fx=fx, log=log, errors=errors, logic=logic, edited=edited, scripted=scripted)
 
 
 def test_effect_apply_saves_one_undo_state_before_changing_the_segmentation(effect):
@@ -861,3 +990,43 @@ def test_effect_apply_cancelled_saves_no_undo_state_and_changes_nothing(effect):
     before = dict(effect.edited.segmentation.segments)
     effect.fx.applyButton.click()
     assert effect.log == [] and effect.edited.segmentation.segments == before and not effect.errors
+
+
+def test_effect_localisation_is_an_effect_parameter_passed_to_the_logic(effect):
+    fx, scripted = effect.fx, effect.scripted
+    assert scripted.parameter("IrisLocalise") == "auto" and fx.localiseComboBox.currentText == "auto"  # the default
+    assert [fx.localiseComboBox.itemData(i) for i in range(3)] == ["auto", "registration", "none"]
+    assert "whole field of view" in fx.localiseComboBox.toolTip
+    fx.localiseComboBox.choose("registration")  # the user's choice, stored with the effect
+    assert scripted.parameter("IrisLocalise") == "registration"
+    fx.previewButton.click()
+    assert effect.logic.computed[-1]["localise"] == "registration" and effect.logic.computed[-1]["postprocess"] is True
+    scripted.setParameter("IrisLocalise", "none")  # e.g. restored with the scene: the GUI follows
+    assert fx.localiseComboBox.currentText == "none (whole field of view)"
+    fx.applyButton.click()
+    fx.previewButton.click()
+    assert effect.logic.computed[-1]["localise"] == "none" and not effect.errors
+
+
+def test_effect_status_shows_localisation_and_warnings(effect):
+    fx = effect.fx
+    effect.logic.status = ("Added liver to 'edited IRIS preview' in 1.0 s on cpu.\nNot localised: segmented the whole field of view.\n"
+                           "Warning: registration failed for every reference: segmenting the whole field of view")
+    fx.previewButton.click()
+    assert fx.statusLabel.text == effect.logic.status and fx.statusLabel.wordWrap
+    effect.logic.cancel = True
+    fx.previewButton.click()
+    assert fx.statusLabel.text == "IRIS cancelled: nothing was added."
+
+
+def test_effect_reference_choice_survives_the_gui_refresh(effect):
+    """Each changed effect parameter refreshes the GUI from all of them (the editor does it synchronously): the
+    parameters are set in one NodeModify batch, so picking a reference keeps its source volume and checks all its
+    segments, and unchecking one keeps the choice of localisation."""
+    fx, scripted = effect.fx, effect.scripted
+    assert fx.referenceVolumeSelector.currentNodeID == "vol_ref" and scripted.parameter("IrisReferenceVolume") == "vol_ref"
+    assert scripted.parameter("IrisReferenceSegments") == "S1" and fx._checkedIds() == ["S1"]
+    fx.localiseComboBox.choose("none (whole field of view)")
+    fx.segmentsList.item(0).setCheckState(Qt.Unchecked)
+    assert scripted.parameter("IrisReferenceSegments") == "" and scripted.parameter("IrisLocalise") == "none"
+    assert fx.localiseComboBox.currentText == "none (whole field of view)" and not fx.previewButton.enabled

@@ -1,6 +1,8 @@
 """Task embeddings: file round trip, selection, context ensemble, memory bank, in-context tuning."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -213,8 +215,10 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
 
 def test_retrieval_replaces_each_class_by_its_nearest_bank_entry(tiny_cfg, oracle):
-    """Object-level retrieval with the oracle (1-channel tokens = mean intensity under the mask)."""
-    seg = Segmenter(oracle, tiny_cfg, "cpu")
+    """Object-level retrieval with the oracle (1-channel tokens = mean intensity under the mask). Without
+    localisation (`retrieve` segments with the config's mode; a bare bank task has no reference to register)."""
+    cfg = dataclasses.replace(tiny_cfg, localise=dataclasses.replace(tiny_cfg.localise, mode="none"))
+    seg = Segmenter(oracle, cfg, "cpu")
     img, aff, lab = _reference()
     task = seg.encode(img, aff, lab, labels=[3])
     assert float(task.tokens[0, 0, 0]) > 0  # the structure is brighter than the mean

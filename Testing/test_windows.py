@@ -109,7 +109,7 @@ class EchoModel:
 def test_engine_blending_of_constant_is_constant(tiny_cfg, shape):
     seg = Segmenter(ConstantModel(0.7), tiny_cfg, "cpu")
     work = torch.randn(1, *shape)
-    probs, _, n = seg._sliding_window(work, torch.zeros(2, 1, 1), 0.5, lambda f, m: None, None, "full")
+    probs, _, n = seg.probabilities(work, torch.zeros(2, 1, 1), 0.5, lambda f, m: None, None, "full")
     assert probs.shape == (2, *shape)
     assert n == len(tile(tuple(max(a, b) for a, b in zip(shape, WINDOW)), WINDOW, 0.5))
     expected = torch.sigmoid(torch.tensor(0.7)).item()
@@ -121,7 +121,7 @@ def test_engine_windows_land_where_they_were_cut(tiny_cfg, shape, overlap):
     seg = Segmenter(EchoModel(), tiny_cfg, "cpu")
     work = torch.randn(1, *shape)
     progress = []
-    probs, _, n = seg._sliding_window(work, torch.zeros(3, 1, 1), overlap, lambda f, m: progress.append(f), None, "full")
+    probs, _, n = seg.probabilities(work, torch.zeros(3, 1, 1), overlap, lambda f, m: progress.append(f), None, "full")
     assert probs.shape == (3, *shape)
     for k in range(3):
         torch.testing.assert_close(probs[k], torch.sigmoid(work[0] + k), rtol=0, atol=1e-5)
@@ -166,10 +166,10 @@ def _blob_volume(shape=(160, 160, 128), centre=(40, 90, 70), radius=6.0) -> torc
 def test_coarse_to_fine_equals_full_and_runs_fewer_windows(tiny_cfg):
     work = _blob_volume()
     full_model, c2f_model = BlobModel(), BlobModel()
-    full, _, n_full = Segmenter(full_model, tiny_cfg, "cpu")._sliding_window(work, torch.zeros(2, 1, 1), 0.5, lambda f, m: None, None, "full")
+    full, _, n_full = Segmenter(full_model, tiny_cfg, "cpu").probabilities(work, torch.zeros(2, 1, 1), 0.5, lambda f, m: None, None, "full")
     progress = []
-    c2f, _, n_c2f = Segmenter(c2f_model, tiny_cfg, "cpu")._sliding_window(work, torch.zeros(2, 1, 1), 0.5,
-                                                                         lambda f, m: progress.append(f), None, "coarse-to-fine")
+    c2f, _, n_c2f = Segmenter(c2f_model, tiny_cfg, "cpu").probabilities(work, torch.zeros(2, 1, 1), 0.5,
+                                                                        lambda f, m: progress.append(f), None, "coarse-to-fine")
     assert (n_full, n_c2f) == (full_model.calls, c2f_model.calls)
     assert n_c2f < n_full / 3
     inside = full > 0.05
@@ -183,7 +183,7 @@ def test_windows_of_a_constant_image_are_not_run(tiny_cfg):
     work = torch.full((1, 96, 64, 64), -1.0)
     work[:, :32] = torch.randn(1, 32, 64, 64)
     model = BlobModel()
-    probs, _, n = Segmenter(model, tiny_cfg, "cpu")._sliding_window(work, torch.zeros(1, 1, 1), 0.5, lambda f, m: None, None, "full")
+    probs, _, n = Segmenter(model, tiny_cfg, "cpu").probabilities(work, torch.zeros(1, 1, 1), 0.5, lambda f, m: None, None, "full")
     total = len(tile(work.shape[1:], WINDOW, 0.5))
     assert n == model.calls < total
     assert float(probs[0, 64:].max()) == 0.0  # nothing is found where there is nothing to see
@@ -191,8 +191,8 @@ def test_windows_of_a_constant_image_are_not_run(tiny_cfg):
 
 def test_unknown_strategy_is_refused(tiny_cfg):
     with pytest.raises(IrisInputError, match="unknown strategy 'fast'"):
-        Segmenter(BlobModel(), tiny_cfg, "cpu")._sliding_window(torch.zeros(1, 40, 40, 40), torch.zeros(1, 1, 1), 0.5,
-                                                                lambda f, m: None, None, "fast")
+        Segmenter(BlobModel(), tiny_cfg, "cpu").probabilities(torch.zeros(1, 40, 40, 40), torch.zeros(1, 1, 1), 0.5,
+                                                              lambda f, m: None, None, "fast")
 
 
 def test_cpu_bf16_windows_match_float32(tiny_cfg, tiny_model):
@@ -205,7 +205,7 @@ def test_cpu_bf16_windows_match_float32(tiny_cfg, tiny_model):
         cfg = dataclasses.replace(tiny_cfg, inference=dataclasses.replace(tiny_cfg.inference, cpu_precision=precision))
         seg = Segmenter(tiny_model, cfg, "cpu")
         assert seg.cpu_bf16 == (precision == "bf16")
-        probs[precision] = seg._sliding_window(work, tokens, 0.5, lambda f, m: None, None, "full")[0]
+        probs[precision] = seg.probabilities(work, tokens, 0.5, lambda f, m: None, None, "full")[0]
     assert not torch.equal(probs["fp32"], probs["bf16"])  # the bf16 path really ran
     torch.testing.assert_close(probs["bf16"], probs["fp32"], rtol=0, atol=2e-2)
 

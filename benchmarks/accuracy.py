@@ -18,10 +18,13 @@ table gives n.
     python benchmarks/accuracy.py [--model iris-small] [--data ../shared/data] [--datasets la2018,acdc,...]
         [--methods ensemble,tuned,bank,registration] [--minutes-per-dataset 6] [--max-queries N]
         [--strategy coarse-to-fine|full] [--threads N] [--json results.json]
-        [--tables validation,generalisation,calibration] [--holdout-model DIR] [--pairs 3] [--fit]
+        [--tables validation,generalisation,calibration,wholescan] [--holdout-model DIR] [--pairs 3] [--fit]
+        [--localise auto|registration|none]
 
 `--tables generalisation` prints the second table (`generalisation.py`): unseen classes (with
 --holdout-model, a model trained without them), unseen contrasts and unseen acquisition geometry.
+`--tables wholescan` the whole-scan table (`wholescan.py`): IRIS alone, registration alone and localise + segment
+on the same pairs, and a left-atrium query embedded in a 512 x 512 x 300 field.
 `--tables calibration` the third (`calibration.py`): estimated against true Dice per segment; with
 `--fit` it also writes the model folder's confidence.json.
 """
@@ -158,13 +161,13 @@ def scores(label_map: np.ndarray, truth: np.ndarray, labels: list[int]) -> dict[
     return {v: d for v, d in out.items() if not np.isnan(d)}
 
 
-def segment_options(seg: Segmenter, strategy: str | None) -> dict:
-    """Keyword arguments for `seg.segment`: the strategy when one is asked for and this Segmenter takes it."""
-    if strategy is None:
-        return {}
-    if "strategy" not in inspect.signature(seg.segment).parameters:
-        raise SystemExit(f"--strategy {strategy}: this IrisSegmentLib's Segmenter.segment has no strategy; leave it out")
-    return {"strategy": strategy}
+def segment_options(seg: Segmenter, strategy: str | None, localise: str | None = None) -> dict:
+    """Keyword arguments for `seg.segment`: the strategy and localisation asked for, where this Segmenter takes them."""
+    out = {k: v for k, v in (("strategy", strategy), ("localise", localise)) if v is not None}
+    missing = [k for k in out if k not in inspect.signature(seg.segment).parameters]
+    if missing:
+        raise SystemExit(f"--{missing[0]}: this IrisSegmentLib's Segmenter.segment has no {missing[0]}; leave it out")
+    return out
 
 
 @dataclass
@@ -266,7 +269,7 @@ class Query:
 
 def evaluate(seg: Segmenter, root: Path, dataset: str, methods: set[str], n_refs: int = 3, minutes: float | None = None,
              max_queries: int | None = None, strategy: str | None = None, rate: TuneRate | None = None,
-             log: Log = lambda m: None) -> dict:
+             log: Log = lambda m: None, localise: str | None = None) -> dict:
     """Per-query Dice and seconds of every column on one dataset, within the time budget. `rate`: the
     tuning speed measured on earlier datasets of the run (updated here)."""
     t_start = time.perf_counter()
@@ -290,7 +293,7 @@ def evaluate(seg: Segmenter, root: Path, dataset: str, methods: set[str], n_refs
         return task_cache[i]
 
     budget = Budget(minutes * 60 if minutes else None, budget_units(methods))
-    options = segment_options(seg, strategy)
+    options = segment_options(seg, strategy, localise)
     rate = rate if rate is not None else TuneRate()
     records, one_shot_seconds = [], []
 
@@ -401,15 +404,18 @@ def main() -> None:
     ap.add_argument("--minutes-per-dataset", type=float, default=6.0, help="time budget per dataset (0: none)")
     ap.add_argument("--max-queries", type=int, default=None)
     ap.add_argument("--strategy", default=None, help="Segmenter.segment strategy, where it takes one (default: the model's)")
+    ap.add_argument("--localise", default=None, choices=("auto", "registration", "none"),
+                    help="Segmenter.segment localisation for the validation, generalisation and calibration tables (default: the model's)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch and SimpleITK")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None, help="also write the raw per-query results here")
     ap.add_argument("--tables", default="validation,generalisation,calibration",
-                    help="any of validation, generalisation, calibration")
+                    help="any of validation, generalisation, calibration, wholescan")
     ap.add_argument("--fit", action="store_true", help="calibration: fit on every pair and write confidence.json into the model folder")
     ap.add_argument("--holdout-model", default=None,
                     help="model folder trained with structures held out (training.holdout): the unseen-class rows")
-    ap.add_argument("--pairs", type=int, default=3, help="generalisation table: (query, reference) pairs per dataset")
+    ap.add_argument("--pairs", type=int, default=3, help="generalisation and whole-scan tables: (query, reference) pairs per dataset")
+    ap.add_argument("--no-embedded", action="store_true", help="whole-scan table: leave out the embedded left-atrium row")
     ap.add_argument("--sections", default="unseen classes,unseen modality,unseen site/geometry",
                     help="generalisation table: which sections")
     a = ap.parse_args()
@@ -423,17 +429,26 @@ def main() -> None:
     strategy = a.strategy or getattr(seg.config.inference, "strategy", "full")
     print(f"model {seg.model_id} on {seg.device}, strategy {strategy}", file=sys.stderr)
     tables = set(a.tables.split(",")) - {""}
-    if tables - {"validation", "generalisation", "calibration"}:
-        ap.error(f"unknown table(s) {sorted(tables - {'validation', 'generalisation', 'calibration'})}")
+    known = {"validation", "generalisation", "calibration", "wholescan"}
+    if tables - known:
+        ap.error(f"unknown table(s) {sorted(tables - known)}")
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     out, raw = [], {}
     if "validation" in tables:
         rate = TuneRate()
         results = {ds: evaluate(seg, Path(a.data), ds, methods, a.references, a.minutes_per_dataset, a.max_queries, a.strategy,
-                                rate, log) for ds in a.datasets.split(",")}
+                                rate, log, a.localise) for ds in a.datasets.split(",")}
         columns = [c for c in COLUMNS if c == "one-shot" or c in methods]
         out += [table(results, columns, a.references), seconds_line(results, columns), caption(seg, a, strategy)]
         raw["validation"] = results
+    if "wholescan" in tables:
+        import wholescan
+
+        records = wholescan.evaluate(seg, Path(a.data), a.datasets.split(","), a.pairs, segment_options(seg, a.strategy), not a.no_embedded,
+                                     log)
+        out += [wholescan.table(records), wholescan.verdict(records),
+                wholescan.caption(seg, a.pairs, f"python benchmarks/accuracy.py {shlex.join(sys.argv[1:])}")]
+        raw["wholescan"] = records
     if "generalisation" in tables:
         import generalisation
 
@@ -441,7 +456,7 @@ def main() -> None:
         sections = a.sections.split(",")
         if set(sections) - set(generalisation.SECTIONS):
             ap.error(f"unknown section(s) {sorted(set(sections) - set(generalisation.SECTIONS))}")
-        records = generalisation.evaluate(seg, held, Path(a.data), a.pairs, segment_options(seg, a.strategy),
+        records = generalisation.evaluate(seg, held, Path(a.data), a.pairs, segment_options(seg, a.strategy, a.localise),
                                           "registration" in methods, log, sections)
         out += [generalisation.table(records), generalisation.verdict(records), generalisation.caption(seg, held, a.pairs)]
         raw["generalisation"] = records
@@ -449,7 +464,7 @@ def main() -> None:
         import calibration
 
         collected = calibration.collect(seg, Path(a.data), a.datasets.split(","), a.references, a.minutes_per_dataset,
-                                        segment_options(seg, a.strategy), log)
+                                        segment_options(seg, a.strategy, a.localise), log)
         flag = seg.calibration.flag_below if seg.calibration else 0.5
         out += [calibration.table(collected, flag), calibration.cost_line(collected),
                 f"Calibration of model {seg.model_id}: out of fold ({calibration.FOLDS} folds by query). "

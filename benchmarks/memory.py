@@ -9,9 +9,14 @@ config with --config iris-small): memory does not depend on the weights. Targets
 stored LPS-ordered (flipped i and j axes, as many scanner-derived files are) with a bright
 sphere on a graded background, at the spacings listed in SIZES.
 
+Both rows segment the whole field of view (`localise="none"`) with no post-processing, as before
+localisation and post-processing existed: what is measured is the windows and the label map.
+
 Baseline, measured in the same run: the previous implementation of the last step, which resampled
 every class's probabilities to the full target grid as float32 and took the arg-max there
-(`full_volume_label_map` below); run with --baseline (sizes where it would not fit are skipped).
+(`full_volume_label_map` below); run with --baseline (sizes where it would not fit are skipped). It runs
+the engine's public stages (`prepare`, `probabilities`, the confidence features) as `segment` does, and
+then this function in place of the engine's streamed `labelmap.to_label_map`: the engine is not patched.
 
     python benchmarks/memory.py [--config tiny|iris-small] [--sizes 128x128x128,...] [--baseline]
 """
@@ -46,8 +51,9 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MIB  # ru_maxrss is in KiB on Linux
 
 
-def full_volume_label_map(self, probs, grid, labels):
-    """The previous `_to_label_map` (baseline): full-size float32 probabilities per class, arg-max on the full grid."""
+def full_volume_label_map(probs, grid, labels, threshold):
+    """The previous label map (baseline; same arguments as `labelmap.to_label_map`): full-size float32
+    probabilities per class, arg-max on the full grid."""
     import torch
 
     best = None
@@ -61,9 +67,32 @@ def full_volume_label_map(self, probs, grid, labels):
             best = torch.where(better, p, best)
             arg[better] = k
     values = torch.tensor([0, *labels])
-    out = torch.where(best >= self.config.inference.threshold, values[arg + 1], 0)
+    out = torch.where(best >= threshold, values[arg + 1], 0)
     dtype = np.uint8 if max(labels) < 256 else np.uint16 if max(labels) < 65536 else np.int32
     return out.numpy().astype(dtype)
+
+
+def segment_streamed(seg, image, affine, task) -> tuple[np.ndarray, int]:
+    """The engine as it is: `Segmenter.segment` (its label map streamed slab by slab), whole field of view."""
+    result = seg.segment(image, affine, task, localise="none", postprocess=False)
+    return result.label_map, result.windows
+
+
+def segment_full_volume(seg, image, affine, task) -> tuple[np.ndarray, int]:
+    """What `segment` does with localise="none" and no post-processing, by its public stages, with the previous
+    full-volume label map (`full_volume_label_map`) in place of `labelmap.to_label_map`."""
+    from IrisSegmentLib.inference.confidence import features
+
+    prepared = seg.prepare(image, affine, "auto", "target image")
+    work, grid = prepared.work, prepared.grid
+    del prepared
+    probs, spread, windows = seg.probabilities(work, task.tokens, seg.config.inference.overlap, lambda f, m: None, spread=True)
+    del work
+    features(probs, spread, float(np.prod(seg.config.model.spacing)) / 1000.0, task.references)
+    del spread
+    label_map = full_volume_label_map(probs, grid, task.labels, seg.config.inference.threshold)
+    del probs
+    return label_map, windows
 
 
 def target(shape, spacing) -> tuple[np.ndarray, np.ndarray]:
@@ -93,8 +122,6 @@ def child(size: str, config: str, impl: str, classes: int) -> dict:
     cfg = BundleConfig.load(ROOT / "Resources" / "Configs" / f"{config}.yaml")
     torch.manual_seed(0)
     seg = Segmenter(IrisModel(cfg.model), cfg, "cpu")
-    if impl == "full":
-        Segmenter._to_label_map = full_volume_label_map
     # a small reference with `classes` structures
     ref = np.full((48, 48, 48), 100, np.int16)
     lab = np.zeros(ref.shape, np.uint8)
@@ -102,21 +129,22 @@ def child(size: str, config: str, impl: str, classes: int) -> dict:
         lab[6 + 12 * c : 16 + 12 * c, 10:38, 10:38] = c + 1
         ref[lab == c + 1] = 900 - 100 * c
     task = seg.encode(ref, np.diag([1.5, 1.5, 1.5, 1.0]), lab)
-    seg.segment(ref, np.diag([1.5, 1.5, 1.5, 1.0]), task)  # warm-up: the network's working memory is in `base`
+    segment = segment_full_volume if impl == "full" else segment_streamed
+    segment(seg, ref, np.diag([1.5, 1.5, 1.5, 1.0]), task)  # warm-up: the network's working memory is in `base`
     base = rss_mib()
     shape = tuple(int(n) for n in size.split("x"))
     image, affine = target(shape, SIZES.get(size, (1.0, 1.0, 1.0)))
     with_input = rss_mib()
     t0 = time.perf_counter()
-    result = seg.segment(image, affine, task)
+    label_map, windows = segment(seg, image, affine, task)
     seconds = time.perf_counter() - t0
     from IrisSegmentLib.inference.geometry import WorkingGrid
 
     grid = WorkingGrid.create(shape, affine, cfg.model.spacing)
     return {"size": size, "impl": impl, "config": config, "classes": classes, "input_mib": image.nbytes / MIB,
             "base_mib": base, "with_input_mib": with_input, "peak_mib": rss_mib(), "seconds": seconds,
-            "windows": result.windows, "working": "x".join(map(str, grid.working_shape)),
-            "labelled": int(np.count_nonzero(result.label_map))}
+            "windows": windows, "working": "x".join(map(str, grid.working_shape)),
+            "labelled": int(np.count_nonzero(label_map))}
 
 
 def available_mib() -> float:

@@ -5,7 +5,12 @@ a moments-initialised affine and a B-spline (mesh `mesh` per axis) are fitted by
 information on `samples` random voxels per iteration (fixed seed), each over a coarse-to-fine pyramid
 with a bounded number of iterations. B-spline coefficients are bounded to 0.4 node spacings, which
 rules out folding (unbounded, one LA pair in six runs diverged to Dice 0). The reference label map is
-warped onto the query's own full-resolution grid (nearest neighbour)."""
+warped onto the query's own full-resolution grid (nearest neighbour).
+
+    python benchmarks/registration.py [--datasets la2018,hippocampus,acdc,btcv] [--pairs 2]
+
+prints this baseline against the engine's own registration (Greedy, `inference/localise.py`) on the same pairs:
+the measurement behind the engine's choice of registration (docs/DESIGN.md section 2.10)."""
 from __future__ import annotations
 
 import time
@@ -102,3 +107,63 @@ def set_threads(n: int) -> None:
     import SimpleITK as sitk
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+
+
+def compare(seg, root, datasets: list[str], pairs: int, log=lambda m: None) -> list[dict]:
+    """The engine's Greedy registration (`wholescan.registration_alone`) and this SimpleITK baseline on the same
+    (query, first reference) pairs: Dice per pair (mean over the query's structures) and seconds."""
+    import accuracy
+    import wholescan
+
+    rows = []
+    for ds in datasets:
+        items = accuracy.cases(root, ds)
+        for qi in accuracy.query_order(items)[:pairs]:
+            ri = accuracy.reference_indices(items, qi, 1)[0]
+            ref, qry = accuracy.load_case(items[ri]), accuracy.load_case(items[qi])
+            labels = [v for v in accuracy.LABELS[ds] if (ref[2] == v).any()]
+            task = seg.encode(*ref, labels=labels, confidence=False)
+            t0 = time.perf_counter()
+            greedy = wholescan.registration_alone(seg, task, qry)
+            t_greedy = time.perf_counter() - t0
+            warped, t_sitk = register_and_warp(ref[0], ref[1], ref[2], qry[0], qry[1])
+            row = {"dataset": ds, "query": items[qi].id,
+                   "Greedy (engine)": (float(np.mean(list(accuracy.scores(greedy, qry[2], labels).values()))), t_greedy),
+                   "SimpleITK B-spline": (float(np.mean(list(accuracy.scores(warped, qry[2], labels).values()))), t_sitk)}
+            rows.append(row)
+            log(f"{ds} {items[qi].id}: " + ", ".join(f"{k} {v[0]:.3f} ({v[1]:.1f} s)" for k, v in row.items() if isinstance(v, tuple)))
+    return rows
+
+
+def main() -> None:
+    """Table: the engine's registration against the SimpleITK baseline, Dice and seconds per pair."""
+    import argparse
+    import shlex
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from IrisSegmentLib import Segmenter
+
+    ap = argparse.ArgumentParser(description=compare.__doc__)
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    ap.add_argument("--datasets", default="la2018,hippocampus,acdc,btcv")
+    ap.add_argument("--pairs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    set_threads(a.threads)
+    rows = compare(Segmenter.load(device="cpu"), Path(a.data), a.datasets.split(","), a.pairs, lambda m: print(m, file=sys.stderr))
+    engines = ("Greedy (engine)", "SimpleITK B-spline")
+    print("| dataset | " + " | ".join(f"{e} Dice | {e} s/pair" for e in engines) + " | pairs |")
+    print("|---|" + "---|" * (2 * len(engines) + 1))
+    for ds in dict.fromkeys(r["dataset"] for r in rows):
+        rs = [r for r in rows if r["dataset"] == ds]
+        cells = [f"{np.mean([r[e][i] for r in rs]):.3f}" if i == 0 else f"{np.mean([r[e][i] for r in rs]):.1f}" for e in engines for i in (0, 1)]
+        print(f"| {ds} | " + " | ".join(cells) + f" | {len(rs)} |")
+    print(f"\nCommand: `python benchmarks/registration.py {shlex.join(sys.argv[1:])}` (threads {a.threads}).")
+
+
+if __name__ == "__main__":
+    main()

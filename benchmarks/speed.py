@@ -14,7 +14,13 @@ Every row is end to end: arrays in memory in, label maps out (task encoding or l
 sliding window, resampling back to the target grid).
 
 Rows, all with the same network, task tokens, preprocessing and resampling back:
-  - IrisSegment coarse-to-fine (the product default) and full (every overlapping window);
+  - IrisSegment localised (the product default, `segment(..., localise="registration")`): the task's reference
+    (which an encoded or saved task carries) registered onto each target with Greedy in a child process, windows
+    run only near the registered prior, the prior combined in, the label map post-processed (largest component,
+    holes filled). A target whose registration fails is segmented over its whole field of view (coarse-to-fine);
+    the row says on how many targets registration localised and its mean seconds per target;
+  - IrisSegment coarse-to-fine and full (every overlapping window) over the whole field of view
+    (`localise="none"`, no post-processing: what these rows measured before localisation existed);
   - MONAI `sliding_window_inference` (the baseline): roi = the model window, the product's overlap,
     mode "gaussian" with the product's sigma scale, sw_batch_size = the product's batch size, on the
     product's preprocessed working-grid tensor placed on the device (where MONAI also accumulates); its
@@ -32,8 +38,8 @@ IrisSegment full, the speed-up over MONAI, and the floor: the network's FLOPs fo
 (torch.utils.flop_counter on one window) over the device's peak measured in the same run (the best of
 a large matmul and a conv3d in the network's dtype), and how many times the floor the row took.
 
-    python benchmarks/speed.py [--device auto|cpu|cuda] [--runs 3] [--scenarios 1,2,3] [--threads N]
-        [--per-class-windows N] [--quick] [--data ../shared/data] [--json results.json]
+    python benchmarks/speed.py [--device auto|cpu|cuda] [--runs 3] [--scenarios 1,2,3] [--rows localised,full,...]
+        [--threads N] [--per-class-windows N] [--quick] [--data ../shared/data] [--json results.json]
 
 --quick: small volumes, the tiny test config with random weights: checks the machinery in about a
 minute of CPU time (mostly process starts); its numbers mean nothing. MONAI is a benchmark-only dependency: pip install -e ".[bench]".
@@ -63,7 +69,8 @@ sys.path.insert(0, str(ROOT))
 from IrisSegmentLib import Segmenter, TaskEmbedding  # noqa: E402
 from IrisSegmentLib.config import BundleConfig  # noqa: E402
 from IrisSegmentLib.inference.geometry import WorkingGrid, spacing_of  # noqa: E402
-from IrisSegmentLib.inference.segmenter import resolve_device  # noqa: E402
+from IrisSegmentLib.inference.labelmap import to_label_map  # noqa: E402
+from IrisSegmentLib.inference.runtime import resolve_device  # noqa: E402
 from IrisSegmentLib.inference.windows import pad_to_window, tile  # noqa: E402
 from IrisSegmentLib.model import IrisModel  # noqa: E402
 
@@ -73,14 +80,16 @@ ORGANS = {1: "spleen", 2: "R kidney", 3: "L kidney", 4: "gallbladder", 5: "esoph
 REFERENCE = "SABS_1"
 CT_TARGET = "SABS_0"
 QUERY_CASES = ("SABS_0", "SABS_10", "SABS_11")
-ROWS = {"coarse-to-fine": "IrisSegment coarse-to-fine (default)", "full": "IrisSegment full",
+ROWS = {"localised": "IrisSegment localised (registration prior, windows near it, post-processed; the default)",
+        "coarse-to-fine": "IrisSegment coarse-to-fine (whole field of view)", "full": "IrisSegment full (whole field of view)",
         "monai": "MONAI sliding_window_inference", "per-class": "per-class forward passes"}
+PRODUCT_ROWS = ("localised", "coarse-to-fine")  # the rows issue 5's targets are checked for
 BASELINE = "monai"
 # Issue 5's targets: seconds per scenario and device, and peak GPU memory (8 GB)
 TARGET_SECONDS = {"cuda": {1: 1.0, 2: 3.0}, "cpu": {2: 120.0}}
 TARGET_GPU_MIB = 8e9 / MIB
 
-Method = Callable[[np.ndarray, np.ndarray, TaskEmbedding], tuple[np.ndarray, int]]
+Method = Callable[[np.ndarray, np.ndarray, TaskEmbedding], tuple[np.ndarray, int, dict]]  # label map, windows, details
 
 
 @dataclass(frozen=True)
@@ -227,7 +236,7 @@ def per_class_segmenter(seg: Segmenter) -> Segmenter:
 
 
 def network_dtype(seg: Segmenter) -> torch.dtype:
-    """The dtype the product's window forward passes compute in (its autocast in `Segmenter._forward`)."""
+    """The dtype the product's window forward passes compute in (its autocast in `Runtime.forward`)."""
     if seg.device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if seg.cpu_bf16 else torch.float32
@@ -246,8 +255,9 @@ def monai_method(seg: Segmenter) -> Method:
 
     inf = seg.config.inference
 
-    def run(image: np.ndarray, affine: np.ndarray, task: TaskEmbedding) -> tuple[np.ndarray, int]:
-        work, grid, _ = seg._prepare(image, affine, "auto", "target image")
+    def run(image: np.ndarray, affine: np.ndarray, task: TaskEmbedding) -> tuple[np.ndarray, int, dict]:
+        prepared = seg.prepare(image, affine, "auto", "target image")
+        work, grid = prepared.work, prepared.grid
         tokens = task.tokens.to(seg.device)[None]
         windows = 0
 
@@ -260,15 +270,21 @@ def monai_method(seg: Segmenter) -> Method:
             probs = sliding_window_inference(work[None].to(seg.device), seg.config.model.window, seg.batch_size, predictor,
                                              overlap=inf.overlap, mode="gaussian", sigma_scale=inf.gaussian_sigma_scale,
                                              cval=float(work.min()))
-        return seg._to_label_map(probs[0].cpu(), grid, task.labels), windows
+        return to_label_map(probs[0].cpu(), grid, task.labels, seg.config.inference.threshold), windows, {}
 
     return run
 
 
-def product_method(seg: Segmenter, strategy: str) -> Method:
-    def run(image: np.ndarray, affine: np.ndarray, task: TaskEmbedding) -> tuple[np.ndarray, int]:
-        result = seg.segment(image, affine, task, strategy=strategy)
-        return result.label_map, result.windows
+def product_method(seg: Segmenter, strategy: str | None, localise: str = "none") -> Method:
+    """`Segmenter.segment`: over the whole field of view without post-processing (`localise` "none", as these rows ran
+    before localisation existed), or localised by registration with the product's post-processing."""
+    localised = localise != "none"
+
+    def run(image: np.ndarray, affine: np.ndarray, task: TaskEmbedding) -> tuple[np.ndarray, int, dict]:
+        result = seg.segment(image, affine, task, strategy=strategy, localise=localise, postprocess=localised)
+        details = {"localisation": result.localisation, "localise_s": result.stage_seconds.get("localise", 0.0),
+                   "warnings": result.warnings} if localised else {}
+        return result.label_map, result.windows, details
 
     return run
 
@@ -278,6 +294,8 @@ def method(row: str, seg: Segmenter) -> Method:
         return monai_method(seg)
     if row == "per-class":
         return product_method(per_class_segmenter(seg), "full")
+    if row == "localised":
+        return product_method(seg, None, "registration")
     return product_method(seg, row)
 
 
@@ -322,10 +340,10 @@ def measure_row(spec: dict) -> dict:
     run = method(spec["row"], seg)
     cuda = seg.device.type == "cuda"
 
-    def once(targets) -> tuple[list[np.ndarray], int]:
+    def once(targets) -> tuple[list[np.ndarray], int, list[dict]]:
         task = task_of(seg, inputs, scenario, work)
         out = [run(image, affine, task) for image, affine in targets]
-        return [o[0] for o in out], sum(o[1] for o in out)
+        return [o[0] for o in out], sum(o[1] for o in out), [o[2] for o in out]
 
     targets = list(zip(inputs["images"], inputs["affines"]))
     once([(centre_crop(*targets[0], seg), targets[0][1])])
@@ -334,17 +352,25 @@ def measure_row(spec: dict) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        maps, windows = once(targets)
+        maps, windows, details = once(targets)
         seconds.append(time.perf_counter() - t0)
         gpu.append(torch.cuda.max_memory_allocated() / MIB if cuda else None)
     np.save(work / f"s{scenario.number}-{spec['row']}.npy", np.stack(maps))
+    note = ""
+    if details and "localisation" in details[0]:  # of the last run
+        hit = sum(d["localisation"] == "registration" for d in details)
+        note = (f"registration localised {hit}/{len(details)} target(s), {statistics.mean(d['localise_s'] for d in details):.1f} s "
+                "each" + ("; the others whole field of view" if hit < len(details) else ""))
+        why = next((w for d in details if d["localisation"] != "registration" for w in d["warnings"]), "")
+        if why:
+            note += f", e.g. {' '.join(why.split())[:120]}"
     return {"seconds": seconds, "windows": windows, "host_mib": peak_rss_mib(), "gpu_mib": max(gpu) if cuda else None,
-            "threads": torch.get_num_threads(), "code": sorted({code, code_version()})}
+            "threads": torch.get_num_threads(), "code": sorted({code, code_version()}), "note": note}
 
 
 def live_windows(seg: Segmenter, image: np.ndarray, affine: np.ndarray, n: int) -> list[torch.Tensor]:
     """`n` of the full tiling's non-constant windows of `image`, evenly spread over it."""
-    work, _, _ = seg._prepare(image, affine, "auto", "target image")
+    work = seg.prepare(image, affine, "auto", "target image").work
     win = seg.config.model.window
     padded, _ = pad_to_window(work, win)
     crops = [padded[(slice(None), *(slice(a, a + w) for a, w in zip(o, win)))]
@@ -364,7 +390,7 @@ def measure_per_class_windows(spec: dict) -> dict:
     def timed(s: Segmenter, batches: list[list[torch.Tensor]]) -> float:
         t0 = time.perf_counter()
         for b in batches:
-            s._forward(b, tokens)
+            s.runtime.forward(s.model, b, tokens)
         return time.perf_counter() - t0
 
     batches = [crops[i : i + seg.batch_size] for i in range(0, len(crops), seg.batch_size)]
@@ -479,9 +505,11 @@ def measure_scenario(n: int, args, work: Path, have_monai: bool) -> list[Row]:
     base = {"scenario": n, "work": str(work), "device": args.device, "runs": args.runs, "quick": args.quick,
             "threads": args.threads}
     rows: dict[str, Row] = {}
-    for name in ROWS:
+    for name in args.rows:
         if name == "monai" and not have_monai:
             rows[name] = Row(n, name, "not run: MONAI not installed (pip install -e '.[bench]')")
+        elif name == "per-class" and args.per_class_windows and "full" not in rows:
+            rows[name] = Row(n, name, "not run: it is extrapolated from the full row, which was not asked for (--rows)")
         elif name == "per-class" and args.per_class_windows:
             rows[name] = per_class_row(base, rows["full"], args.per_class_windows)
         else:
@@ -497,8 +525,8 @@ def measured(base: dict, name: str) -> Row:
     r = child({**base, "job": "row", "row": name})
     if isinstance(r, str):
         return Row(base["scenario"], name, r)
-    return Row(base["scenario"], name, seconds=statistics.median(r["seconds"]), runs=r["seconds"], windows=r["windows"],
-               host_mib=r["host_mib"], gpu_mib=r["gpu_mib"], code=r["code"])
+    return Row(base["scenario"], name, r.get("note", ""), seconds=statistics.median(r["seconds"]), runs=r["seconds"],
+               windows=r["windows"], host_mib=r["host_mib"], gpu_mib=r["gpu_mib"], code=r["code"])
 
 
 def best_peak(first: dict, last: dict | str) -> dict:
@@ -568,16 +596,22 @@ def table(rows: list[Row], runs: int) -> str:
 
 
 def targets_line(rows: list[Row], device: str) -> str:
-    """Issue 5's targets, met or not, for the product default."""
-    default = {r.scenario: r for r in rows if r.row == "coarse-to-fine" and r.seconds is not None}
+    """Issue 5's targets, met or not, for the product's rows: localised (the default) and coarse-to-fine over the
+    whole field of view (the default before localisation existed)."""
     monai = {r.scenario: r.seconds for r in rows if r.row == BASELINE and r.seconds is not None}
-    out = [f"scenario {n} <= {t:g} s: {default[n].seconds:.2f} s ({'met' if default[n].seconds <= t else 'NOT met'})"
-           for n, t in TARGET_SECONDS.get(device, {}).items() if n in default]
-    if device == "cuda":
-        gpu = [r.gpu_mib for r in default.values() if r.gpu_mib is not None]
-        if gpu:
-            out.append(f"peak GPU <= 8 GB: {max(gpu):.0f} MiB ({'met' if max(gpu) <= TARGET_GPU_MIB else 'NOT met'})")
-    out += [f"scenario {n} faster than MONAI: {'yes' if default[n].seconds < s else 'NO'}" for n, s in monai.items() if n in default]
+    out = []
+    for name in PRODUCT_ROWS:
+        default = {r.scenario: r for r in rows if r.row == name and r.seconds is not None}
+        part = [f"scenario {n} <= {t:g} s: {default[n].seconds:.2f} s ({'met' if default[n].seconds <= t else 'NOT met'})"
+                for n, t in TARGET_SECONDS.get(device, {}).items() if n in default]
+        if device == "cuda":
+            gpu = [r.gpu_mib for r in default.values() if r.gpu_mib is not None]
+            if gpu:
+                part.append(f"peak GPU <= 8 GB: {max(gpu):.0f} MiB ({'met' if max(gpu) <= TARGET_GPU_MIB else 'NOT met'})")
+        part += [f"scenario {n} faster than MONAI: {'yes' if default[n].seconds < s else 'NO'}" for n, s in monai.items()
+                 if n in default]
+        if part:
+            out.append(f"{name}: " + ", ".join(part))
     return "; ".join(out) or "none measured"
 
 
@@ -613,6 +647,17 @@ def caption(args, sizes: Sizes, seg: Segmenter, peak: dict, flops: dict[int, int
         f"(torch FlopCounterMode); device peak {max(peak['rates'].values()) / 1e9:.0f} GFLOP/s in {peak['dtype']} measured in "
         f"this run, the better of before and after the rows ({rates} GFLOP/s); floor = windows x passes x FLOPs / peak, network only (no encoding, "
         "preprocessing or resampling back).",
+        f"IrisSegment localised: `segment(..., localise=\"registration\")`, the product default: the task's reference "
+        f"(an encoded or saved task carries it, block-averaged to at most {seg.config.localise.max_voxels:,} voxels) "
+        "registered onto each target by Greedy in a child process (moments, rigid, affine"
+        + (", deformable" if seg.config.localise.deformable_iterations else "") + f"; metric {seg.config.localise.metric}"
+        + (": NCC within one modality, NMI across" if seg.config.localise.metric == "auto" else "") + "), "
+        f"windows only within {seg.config.localise.margin_mm:g} mm of the registered prior, the prior combined in "
+        f"(weight {seg.config.localise.prior_weight:g}), the label map post-processed (largest component, holes filled); "
+        "its seconds include the registration. A target whose registration fails (e.g. a crop showing too little of "
+        "the reference's structures) is segmented over its whole field of view, coarse-to-fine; the row says how many "
+        "were localised. IrisSegment coarse-to-fine and full: `localise=\"none\"` and no post-processing, the whole "
+        "field of view, as these rows ran before localisation existed.",
         "Rows run in fresh processes, one warm-up on a centre crop of the first target, then the median; peak host MiB: "
         "the row process's peak resident memory (VmHWM: Python, torch, the network, the input arrays, MONAI for its row); "
         "peak GPU MiB: torch.cuda.max_memory_allocated over the timed runs. Dice: mean "
@@ -631,6 +676,7 @@ def main() -> int:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--runs", type=int, default=3, help="timed runs per row (after one warm-up); the median is reported")
     ap.add_argument("--scenarios", default="1,2,3")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"the rows to measure, in table order (default: all of {', '.join(ROWS)})")
     ap.add_argument("--threads", type=int, help="torch threads in every measurement (default: torch's default)")
     ap.add_argument("--per-class-windows", type=int,
                     help="measure the per-class row on at most this many windows and extrapolate beyond "
@@ -651,6 +697,10 @@ def main() -> int:
         args.per_class_windows = 0 if args.device == "cuda" else 8
     if args.threads:
         torch.set_num_threads(args.threads)
+    asked = {r.strip() for r in args.rows.split(",") if r.strip()}
+    if not asked or asked - set(ROWS):
+        raise SystemExit(f"--rows: choose from {', '.join(ROWS)}")
+    args.rows = [r for r in ROWS if r in asked]
     numbers = sorted({int(s) for s in args.scenarios.split(",")})
     if not set(numbers) <= set(SCENARIOS):
         raise SystemExit(f"--scenarios: choose from {sorted(SCENARIOS)}")

@@ -2,7 +2,9 @@
 
 Preview shows the result in a separate segmentation (as Grow from seeds does); Apply adds it to the
 edited segmentation through the editor, so its masking settings apply, with one undo state per Apply.
-Device and advanced options are those of the IRIS Segment module panel.
+Localisation (register the reference onto the source volume first, or not) is an effect parameter; device
+and advanced options are those of the IRIS Segment module panel. The status below the buttons says how the
+result was localised and shows the engine's warnings.
 """
 import os
 
@@ -35,7 +37,9 @@ class SegmentEditorIrisEffect(AbstractScriptedSegmentEditorEffect):
         return ("<html>Segment the source volume like segments drawn on another scan (IRIS in-context segmentation).<p>"
                 "Pick the reference segmentation (its volume is taken from it, or pick one) and check the segments. "
                 "<b>Preview</b> shows the result, <b>Apply</b> adds it as new segments (masking settings apply; undo "
-                "restores). Device and advanced options: IRIS Segment module.</html>")
+                "restores). <b>Localisation</b> auto registers the reference onto the source volume and segments only "
+                "where its structures can be; none segments the whole field of view. Device and advanced options: "
+                "IRIS Segment module.</html>")
 
     def setupOptionsFrame(self):
         self.referenceSegmentationSelector = slicer.qMRMLNodeComboBox()
@@ -60,6 +64,12 @@ class SegmentEditorIrisEffect(AbstractScriptedSegmentEditorEffect):
         self.segmentsList.setToolTip("Check the segments to find in the source volume.")
         self.scriptedEffect.addLabeledOptionsWidget("Segments:", self.segmentsList)
 
+        self.localiseComboBox = qt.QComboBox()
+        for value, label in self.logic.LOCALISE_CHOICES:
+            self.localiseComboBox.addItem(label, value)
+        self.localiseComboBox.setToolTip(self.logic.LOCALISE_TOOLTIP)
+        self.scriptedEffect.addLabeledOptionsWidget("Localisation:", self.localiseComboBox)
+
         self.previewButton = qt.QPushButton("Preview")
         self.previewButton.objectName = self.__class__.__name__ + "Preview"
         self.cancelButton = qt.QPushButton("Cancel")
@@ -77,12 +87,20 @@ class SegmentEditorIrisEffect(AbstractScriptedSegmentEditorEffect):
         self.progressBar.visible = False
         self.scriptedEffect.addOptionsWidget(self.progressBar)
 
+        self.statusLabel = qt.QLabel()
+        self.statusLabel.wordWrap = True
+        self.scriptedEffect.addOptionsWidget(self.statusLabel)
+
         self.referenceSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onReferenceSegmentationChanged)
         self.referenceVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateMRMLFromGUI)
         self.segmentsList.connect("itemChanged(QListWidgetItem*)", self.updateMRMLFromGUI)
+        self.localiseComboBox.connect("currentIndexChanged(int)", self.updateMRMLFromGUI)
         self.previewButton.connect("clicked()", self.onPreview)
         self.cancelButton.connect("clicked()", self.onCancel)
         self.applyButton.connect("clicked()", self.onApply)
+
+    def setMRMLDefaults(self):
+        self.scriptedEffect.setParameterDefault("IrisLocalise", self.logic.LOCALISE_CHOICES[0][0])
 
     def createCursor(self, widget):
         return slicer.util.mainWindow().cursor
@@ -99,10 +117,12 @@ class SegmentEditorIrisEffect(AbstractScriptedSegmentEditorEffect):
         segmentation = slicer.mrmlScene.GetNodeByID(self.scriptedEffect.parameter("IrisReferenceSegmentation"))
         volume = slicer.mrmlScene.GetNodeByID(self.scriptedEffect.parameter("IrisReferenceVolume"))
         checked = self.scriptedEffect.parameter("IrisReferenceSegments").split(";")
-        for widget in (self.referenceSegmentationSelector, self.referenceVolumeSelector, self.segmentsList):
+        widgets = (self.referenceSegmentationSelector, self.referenceVolumeSelector, self.segmentsList, self.localiseComboBox)
+        for widget in widgets:
             widget.blockSignals(True)
         self.referenceSegmentationSelector.setCurrentNode(segmentation)
         self.referenceVolumeSelector.setCurrentNode(volume)
+        self.localiseComboBox.setCurrentIndex(max(self.localiseComboBox.findData(self._localise()), 0))
         self.segmentsList.clear()
         for sid in self.logic.segmentIds(segmentation):
             item = qt.QListWidgetItem(segmentation.GetSegmentation().GetSegment(sid).GetName())
@@ -110,7 +130,7 @@ class SegmentEditorIrisEffect(AbstractScriptedSegmentEditorEffect):
             item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
             item.setCheckState(qt.Qt.Checked if sid in checked else qt.Qt.Unchecked)
             self.segmentsList.addItem(item)
-        for widget in (self.referenceSegmentationSelector, self.referenceVolumeSelector, self.segmentsList):
+        for widget in widgets:
             widget.blockSignals(False)
         ready = bool(segmentation and volume and self._checkedIds() and self._sourceVolume())
         running = self.progressBar.visible
@@ -119,22 +139,30 @@ class SegmentEditorIrisEffect(AbstractScriptedSegmentEditorEffect):
         self.cancelButton.enabled = running or self.previewNode is not None
 
     def updateMRMLFromGUI(self):
-        self.scriptedEffect.setParameter("IrisReferenceSegmentation", self.referenceSegmentationSelector.currentNodeID)
-        self.scriptedEffect.setParameter("IrisReferenceVolume", self.referenceVolumeSelector.currentNodeID)
-        self.scriptedEffect.setParameter("IrisReferenceSegments", ";".join(self._checkedIds()))
+        # One modification: each parameter set alone would refresh the GUI from the others' old values.
+        with slicer.util.NodeModify(self.scriptedEffect.parameterSetNode()):
+            self.scriptedEffect.setParameter("IrisReferenceSegmentation", self.referenceSegmentationSelector.currentNodeID)
+            self.scriptedEffect.setParameter("IrisReferenceVolume", self.referenceVolumeSelector.currentNodeID)
+            self.scriptedEffect.setParameter("IrisReferenceSegments", ";".join(self._checkedIds()))
+            self.scriptedEffect.setParameter("IrisLocalise", self.localiseComboBox.itemData(self.localiseComboBox.currentIndex) or "auto")
 
     def onReferenceSegmentationChanged(self, segmentation):
         """A new reference: its source volume and all its segments."""
         volume = self.logic.sourceVolume(segmentation)
         if volume is not None:
             self.referenceVolumeSelector.setCurrentNode(volume)
-        self.scriptedEffect.setParameter("IrisReferenceSegmentation", segmentation.GetID() if segmentation else "")
-        self.scriptedEffect.setParameter("IrisReferenceVolume", self.referenceVolumeSelector.currentNodeID)
-        self.scriptedEffect.setParameter("IrisReferenceSegments", ";".join(self.logic.segmentIds(segmentation)))
+        with slicer.util.NodeModify(self.scriptedEffect.parameterSetNode()):
+            self.scriptedEffect.setParameter("IrisReferenceSegmentation", segmentation.GetID() if segmentation else "")
+            self.scriptedEffect.setParameter("IrisReferenceVolume", self.referenceVolumeSelector.currentNodeID)
+            self.scriptedEffect.setParameter("IrisReferenceSegments", ";".join(self.logic.segmentIds(segmentation)))
 
     def _checkedIds(self):
         items = [self.segmentsList.item(i) for i in range(self.segmentsList.count)]
         return [item.data(qt.Qt.UserRole) for item in items if item.checkState() == qt.Qt.Checked]
+
+    def _localise(self):
+        """The localisation chosen for this effect ("auto" until one is chosen)."""
+        return self.scriptedEffect.parameter("IrisLocalise") or "auto"
 
     def _sourceVolume(self):
         return self.scriptedEffect.parameterSetNode().GetSourceVolumeNode()
@@ -147,6 +175,7 @@ class SegmentEditorIrisEffect(AbstractScriptedSegmentEditorEffect):
         options = self.logic.options(self.logic.getParameterNode())
         segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
         self.progressBar.visible = True
+        self.statusLabel.text = ""
         self.updateGUIFromMRML()
         try:
             with slicer.util.tryWithErrorDisplay("IRIS failed.", waitCursor=False):
@@ -154,14 +183,16 @@ class SegmentEditorIrisEffect(AbstractScriptedSegmentEditorEffect):
                     self.pending = self.logic.compute(
                         self._sourceVolume(), self.referenceVolumeSelector.currentNode(), self.referenceSegmentationSelector.currentNode(),
                         self._checkedIds(), options["device"], overlap=options["overlap"], tuningSteps=options["tuningSteps"],
-                        keepLargest=options["keepLargest"], progress=self.onProgress)
+                        postprocess=options["postprocess"], progress=self.onProgress, localise=self._localise())
                 except Cancelled:
-                    slicer.util.showStatusMessage("IRIS cancelled: nothing was added.", 3000)
+                    self.statusLabel.text = "IRIS cancelled: nothing was added."
+                    slicer.util.showStatusMessage(self.statusLabel.text, 3000)
                     return
                 self.previewNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", segmentationNode.GetName() + " IRIS preview")
                 self.logic.write(self.pending, self.previewNode)
                 self.previewNode.GetDisplayNode().SetOpacity(0.6)
-                slicer.util.showStatusMessage(self.logic.statusText(self.logic.segmentIds(self.previewNode)), 5000)
+                self.statusLabel.text = self.logic.statusText(self.logic.segmentIds(self.previewNode))
+                slicer.util.showStatusMessage(self.statusLabel.text.replace("\n", "  "), 5000)
         finally:
             self.progressBar.visible = False
             self.updateGUIFromMRML()

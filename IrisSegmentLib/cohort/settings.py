@@ -2,7 +2,7 @@
 
 The task key is a short hash of everything that decides the label maps: the model's weights and config, the bytes of
 the task's sources (the saved task file, or the reference images and label maps), the selected labels, and the
-options (overlap, strategy, modality; defaults resolved from the model's config). It is written into every row of
+options (overlap, strategy, modality, localise; defaults resolved from the model's config). It is written into every row of
 results.csv: a rerun with another key finds results of another task in the output folder and refuses to mix them
 (unless --overwrite). The device is not part of it: CPU and GPU give the same task, up to floating-point rounding.
 Hashing the inputs rather than the encoded tokens keeps the key stable when the encoding runs on a GPU, whose
@@ -25,6 +25,7 @@ class Options:
     overlap: float
     strategy: str
     modality: str
+    localise: str = "auto"
 
 
 def digest(path: str | Path) -> str:

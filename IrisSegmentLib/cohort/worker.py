@@ -132,7 +132,7 @@ class SegmenterPlugin(WorkerPlugin):
                 image, affine, header = formats.read_image(path)
                 with self.lock:
                     result = self.segmenter.segment(image, affine, self.task, modality=o.modality, overlap=o.overlap,
-                                                    strategy=o.strategy)
+                                                    strategy=o.strategy, localise=o.localise)
                 del image
                 out = Path(output)
                 out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,9 @@ Features, all by-products of one segmentation (no extra pass over the target):
 - `boundary`: log(1 + voxels at 0.25-0.75 per predicted voxel): how soft the segment is;
 - `volume_ratio`: |log(predicted volume / reference volume)|, capped at log(100): the same structure in
   another subject rarely differs 3x in size, false positives everywhere or nothing found do;
-- `self_dice`: how well the task segments its own reference crop (measured when encoding).
+- `self_dice`: how well the task segments its own reference crop (measured when encoding);
+- `prior_agreement`: Dice between the network's segment and the registration prior's, before they are
+  combined (0 without a prior: nothing localised the structure).
 A calibration (`Calibration`, shipped beside the weights as `confidence.json`, fitted on the
 validation split by `benchmarks/accuracy.py --tables calibration --fit`) maps them to an estimated
 Dice: ridge least squares on the logit of the Dice of validation pairs. A segment with no voxel gets 0.
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-FEATURES = ("mean_prob", "disagreement", "boundary", "volume_ratio", "self_dice")
+FEATURES = ("mean_prob", "disagreement", "boundary", "volume_ratio", "self_dice", "prior_agreement")
 CALIBRATION_FILE = "confidence.json"
 MAX_LOG_RATIO = math.log(100.0)
 
@@ -52,6 +54,16 @@ def features(probs: torch.Tensor, spread: torch.Tensor, voxel_ml: float, referen
     return out
 
 
+def prior_agreement(probs: torch.Tensor, prior: torch.Tensor, region: torch.Tensor) -> list[float]:
+    """Per class, the Dice of (network >= 0.5) and (prior >= 0.5) inside `region` (1 where both are empty)."""
+    out = []
+    for p, q in zip(probs, prior):
+        a, b = (p >= 0.5) & region, q >= 0.5
+        n = float(a.sum() + b.sum())
+        out.append(1.0 if n == 0 else 2.0 * float((a & b).sum()) / n)
+    return out
+
+
 def _logit(d: np.ndarray) -> np.ndarray:
     d = np.clip(d, 0.02, 0.98)
     return np.log(d / (1 - d))
@@ -60,7 +72,8 @@ def _logit(d: np.ndarray) -> np.ndarray:
 @dataclass
 class Calibration:
     """Features -> estimated Dice: sigmoid(bias + weights . standardised features); a missing feature
-    counts as its mean."""
+    counts as its mean. `features`: the names it was fitted on (a calibration from before a feature existed
+    still works without it)."""
 
     mean: list[float]
     std: list[float]
@@ -69,9 +82,10 @@ class Calibration:
     weights_sha256: str = ""
     flag_below: float = 0.5
     fitted_on: dict = field(default_factory=dict)
+    features: tuple[str, ...] = FEATURES
 
     def matrix(self, rows: list[dict[str, float]]) -> np.ndarray:
-        z = np.array([[r.get(f, m) for f, m in zip(FEATURES, self.mean)] for r in rows], dtype=np.float64).reshape(-1, len(FEATURES))
+        z = np.array([[r.get(f, m) for f, m in zip(self.features, self.mean)] for r in rows], dtype=np.float64).reshape(-1, len(self.features))
         return (z - np.array(self.mean)) / np.array(self.std)
 
     def predict(self, rows: list[dict[str, float]]) -> list[float]:
@@ -104,7 +118,7 @@ class Calibration:
     def save(self, path: str | Path) -> None:
         """JSON, atomically."""
         p = Path(path)
-        data = {"features": list(FEATURES), **self.__dict__}
+        data = {**self.__dict__, "features": list(self.features)}
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".iris-", suffix=".json")
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1)
@@ -113,6 +127,7 @@ class Calibration:
     @classmethod
     def load(cls, path: str | Path) -> "Calibration":
         data = json.loads(Path(path).read_text())
-        if tuple(data.pop("features")) != FEATURES:
+        names = tuple(data.pop("features"))
+        if set(names) - set(FEATURES) or len(names) != len(data["mean"]):
             raise ValueError(f"{path}: fitted on other features; refit it")
-        return cls(**data)
+        return cls(**data, features=names)

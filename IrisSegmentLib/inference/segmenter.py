@@ -1,7 +1,12 @@
-"""The engine: reference encoding and sliding-window segmentation of a target, world-correct."""
+"""The engine: reference encoding, and segmentation of a target as a short story over public stages:
+
+    prepare -> localise -> plan windows -> run windows -> merge (+ prior) -> label map -> post-process
+
+Each stage is a public function of its own module (`prepare.py`, `localise.py`, `windows.py`, `sliding.py`,
+`merge.py`, `labelmap.py`, `postprocess.py`); `Segmenter.segment` tells the story, and a benchmark, the batch
+runner or Slicer can call any stage on its own. Per-stage seconds come back in the result."""
 from __future__ import annotations
 
-import logging
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -11,19 +16,23 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from ..config import BundleConfig
-from ..errors import Cancelled, IrisInputError
+from ..config import LOCALISE_MODES, BundleConfig
+from ..errors import IrisInputError
 from ..io import file_sha256
-from .confidence import CALIBRATION_FILE, Calibration, features
-from .geometry import WorkingGrid
-from .intensity import normalise_
+from .confidence import CALIBRATION_FILE, Calibration, features, prior_agreement
+from .labelmap import to_label_map
+from .localise import Localisation, greedy_available, localise, make_atlas, unlocalised
+from .merge import GaussianBlend, combine_prior
+from .postprocess import pieces, postprocess
+from .prepare import Prepared, check_volume, finite, prepare
+from .runtime import Runtime, cpu_autocast, resolve_device
+from .sliding import run_windows
 from .task import Colour, MemoryBank, TaskEmbedding, tune
-from .windows import coarse_tile, gaussian_weights, pad_to_window, tile
+from .windows import coarse_tile, pad_to_window, plan
 
-log = logging.getLogger("IrisSegmentLib")
+__all__ = ["Segmenter", "SegmentationResult", "check_volume", "resolve_device", "load_calibration"]
 
 BANK_FILE = "memory_bank.safetensors"
-SLAB_VALUES = 1 << 20  # probabilities resampled to the target grid at a time (4 MiB of float32)
 STRATEGIES = ("coarse-to-fine", "full")
 Progress = Callable[[float, str], None]
 Cancel = Callable[[], bool]
@@ -45,6 +54,10 @@ class SegmentationResult:
     windows: int
     confidence: dict[int, float] = field(default_factory=dict)  # estimated Dice per label (with a calibration)
     confidence_features: dict[int, dict[str, float]] = field(default_factory=dict)
+    localisation: str = "none"  # how the structures were found: "registration" or "none" (whole field of view)
+    warnings: list[str] = field(default_factory=list)  # what went wrong on the way (e.g. a failed registration)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # prepare, localise, windows, merge, label map, post-process
+    prior: np.ndarray | None = None  # with keep_prior: the localisation prior (K, I, J, K) on the target grid, float16
 
 
 def load_calibration(folder: Path) -> Calibration | None:
@@ -66,81 +79,30 @@ def load_calibration(folder: Path) -> Calibration | None:
     return cal
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device in ("auto", None):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "gpu":
-        device = "cuda"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise IrisInputError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise IrisInputError(f"unknown device {device!r}; use auto, cpu or cuda") from None
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU advertises native bfloat16 arithmetic (AVX512-BF16 or AMX, Linux /proc/cpuinfo);
-    elsewhere bf16 would be emulated and slower than float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
-
-
-def cpu_autocast(precision: str) -> bool:
-    """Whether window forward passes on the CPU run under bfloat16 autocast."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise IrisInputError(f"cpu_precision must be auto, bf16 or fp32, not {precision!r}")
-    return precision == "bf16" or precision == "auto" and cpu_has_native_bf16()
-
-
-def check_volume(image: np.ndarray, what: str) -> np.ndarray:
-    """A 3D scalar volume, or a message that says what it is and what to do."""
-    a = np.asarray(image)
-    if a.ndim == 4 and a.shape[3] == 1:
-        a = a[..., 0]
-    if a.ndim == 2:
-        raise IrisInputError(f"{what} is 2D {a.shape}; IrisSegment needs a 3D volume (stack the slices into one volume)")
-    if a.ndim == 4:
-        raise IrisInputError(f"{what} has 4 dimensions {a.shape} (a time series or multi-component image); extract one 3D volume or one component first")
-    if a.ndim == 5 and a.shape[3] == 1:  # NIfTI keeps vector components in the 5th dimension
-        raise IrisInputError(f"{what} is a multi-component (vector) image {a.shape} with {a.shape[4]} components; extract one component first")
-    if a.ndim != 3:
-        raise IrisInputError(f"{what} has {a.ndim} dimensions {a.shape}; a 3D volume is needed: extract one first")
-    if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
-        raise IrisInputError(f"{what} has data type {a.dtype} (e.g. colour or complex); a real-valued scalar image is needed: "
-                             "convert it to a grey-level volume first")
-    return a
-
-
-def _finite(image: np.ndarray, what: str) -> np.ndarray:
-    """A C-ordered float32 copy (the caller's array is never changed), NaN/Inf replaced by the minimum, with a warning."""
-    x = np.array(image, dtype=np.float32, order="C")
-    if np.issubdtype(np.asarray(image).dtype, np.floating):
-        bad = ~np.isfinite(x)
-        if bad.any():
-            fill = float(np.min(x[~bad])) if (~bad).any() else 0.0
-            warnings.warn(f"{what}: {int(bad.sum())} NaN/Inf voxels replaced by {fill:g}")
-            x[bad] = fill
-    return x
-
-
 class Segmenter:
     """Encodes references into task embeddings and segments targets with them."""
 
     def __init__(self, model: SegmentationModel, config: BundleConfig, device: str = "auto", model_id: str | None = None):
         self.config = config
-        self.device = resolve_device(device)
+        self.runtime = Runtime(resolve_device(device), config.inference.batch_size, cpu_autocast(config.inference.cpu_precision))
         self.model = model.to(self.device) if isinstance(model, torch.nn.Module) else model
         if isinstance(self.model, torch.nn.Module):
             self.model.eval().requires_grad_(False)
         self.model_id = model_id or f"{config.model.name}-{config.model.fingerprint()}"
-        self.batch_size = config.inference.batch_size
-        self.cpu_bf16 = cpu_autocast(config.inference.cpu_precision)
         self.bank = MemoryBank(config.training.bank_momentum, self.model_id)
         self.calibration: Calibration | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def batch_size(self) -> int:
+        return self.runtime.batch_size
+
+    @property
+    def cpu_bf16(self) -> bool:
+        return self.runtime.cpu_bf16
 
     @classmethod
     def load(cls, name_or_path: str | None = None, device: str = "auto") -> "Segmenter":
@@ -158,17 +120,77 @@ class Segmenter:
         seg.calibration = load_calibration(model_dir(name_or_path))
         return seg
 
-    # -- preparation -------------------------------------------------------------------------
-    def _prepare(self, image, affine, modality: str, what: str) -> tuple[torch.Tensor, WorkingGrid, bool]:
-        img = check_volume(image, what)
-        grid = WorkingGrid.create(img.shape, affine, self.config.model.spacing)
-        # One float32 copy, in nearest-RAS order and normalised in place: the same scan stored in another
-        # axis order or direction (LPS, RAS, sagittal...) gets exactly the same working image.
-        x = _finite(grid.reoriented_view(img), what)
-        constant = float(x.max() - x.min()) == 0.0
-        normalise_(x, modality, self.config.inference)
-        return grid.to_working(torch.from_numpy(x)[None], reoriented=True), grid, constant
+    # -- stages ------------------------------------------------------------------------------
+    def prepare(self, image, affine, modality: str = "auto", what: str = "target image") -> Prepared:
+        """Stage 1: the image checked, normalised and on the working grid."""
+        return prepare(image, affine, modality, self.config.model.spacing, self.config.inference, what)
 
+    def localise(self, target: Prepared, task: TaskEmbedding, mode: str = "auto", progress: Progress | None = None,
+                 cancel: Cancel | None = None) -> Localisation:
+        """Stage 2: the task's references registered onto the target (`localise.py`); "none", or "auto" without
+        a registration engine or reference images, gives the whole field of view."""
+        if mode not in LOCALISE_MODES:
+            raise IrisInputError(f"unknown localise mode {mode!r}; use one of {', '.join(LOCALISE_MODES)}")
+        if mode == "none":
+            return unlocalised()
+        if not greedy_available():
+            msg = "registration needs the picsl-greedy package (pip install picsl-greedy)"
+            if mode == "registration":
+                raise IrisInputError(f"localisation by registration {msg}; or choose no localisation (--localise none)")
+            return unlocalised([f"{msg}: segmenting the whole field of view"])
+        if mode == "registration" and not task.atlases:
+            raise IrisInputError("localisation by registration: this task carries no reference image (a memory-bank task, or "
+                                 "one saved before localisation existed); encode the reference again, or choose no localisation "
+                                 "(--localise none)")
+        threads = max(1, torch.get_num_threads())
+        return localise(target, task.atlases, task.labels, self.config.localise, float(self.config.model.spacing[0]), threads,
+                        progress, cancel)
+
+    def plan_windows(self, shape, overlap: float, region: torch.Tensor | None = None, exclude=()) -> list[tuple[int, int, int]]:
+        """Stage 3: window origins on a padded grid of `shape`, all of them or those touching `region`."""
+        return plan(shape, self.config.model.window, overlap, region, 0, exclude)
+
+    def run_windows(self, padded: torch.Tensor, origins: list, tokens: torch.Tensor, blend: GaussianBlend,
+                    report: Progress, cancel: Cancel | None = None, span: tuple[float, float] = (0.0, 1.0)) -> int:
+        """Stage 4: the windows through the network into `blend`; the runtime after any out-of-memory fallback is kept."""
+        self.runtime, ran = run_windows(self.model, self.runtime, padded, origins, tokens, blend, report, cancel, span)
+        return ran
+
+    def probabilities(self, work: torch.Tensor, tokens: torch.Tensor, overlap: float, report: Progress,
+                      cancel: Cancel | None = None, strategy: str | None = None, spread: bool = False,
+                      region: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """Stages 3-4 together: blended class probabilities (K, X, Y, Z) on the working grid, the window spread
+        (with `spread`, else None) and the windows run.
+
+        With a `region` (from localisation) the overlapping windows touching it run, and nothing else. Without,
+        "full" runs every overlapping window; "coarse-to-fine" first the subset that just covers the volume, then
+        the others only where a coarse probability reaches `coarse_threshold` (plus `coarse_margin` voxels):
+        there the blend is exactly the full one. Windows holding a constant image are not run (probability 0)."""
+        inf = self.config.inference
+        strategy = strategy or inf.strategy
+        if strategy not in STRATEGIES:
+            raise IrisInputError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+        win = self.config.model.window
+        padded, shape = pad_to_window(work, win)
+        blend = GaussianBlend(tokens.shape[0], padded.shape[1:], win, inf.gaussian_sigma_scale, spread)
+        if region is not None:
+            grown = torch.zeros(padded.shape[1:], dtype=torch.bool)
+            grown[tuple(slice(0, s) for s in shape)] = region
+            n = self.run_windows(padded, self.plan_windows(padded.shape[1:], overlap, grown), tokens, blend, report, cancel,
+                                 (0.3, 0.9))
+        elif strategy == "full":
+            n = self.run_windows(padded, self.plan_windows(padded.shape[1:], overlap), tokens, blend, report, cancel, (0.05, 0.9))
+        else:
+            coarse = coarse_tile(padded.shape[1:], win, overlap)
+            n = self.run_windows(padded, coarse, tokens, blend, report, cancel, (0.05, 0.35))
+            found = blend.found(inf.coarse_threshold)
+            rest = plan(padded.shape[1:], win, overlap, found, inf.coarse_margin, coarse)
+            del found
+            n += self.run_windows(padded, rest, tokens, blend, report, cancel, (0.35, 0.9))
+        probs, sd = blend.result(shape)
+        return probs, sd, n
+
+    # -- reference crops --------------------------------------------------------------------
     def _crops(self, mask: torch.Tensor) -> list[tuple[int, int, int]]:
         """Window origins centred on a structure; several tiling its extent when it exceeds one window."""
         win = self.config.model.window
@@ -215,7 +237,7 @@ class Segmenter:
         lab = check_volume(label, "reference label")
         if img.shape != lab.shape:
             raise IrisInputError(f"reference image {img.shape} and label {lab.shape} differ in shape; give the label map drawn on this image")
-        lab = np.rint(_finite(lab, "reference label")).astype(np.int64)
+        lab = np.rint(finite(lab, "reference label")).astype(np.int64)
         present = [int(v) for v in np.unique(lab) if v != 0]
         if not present:
             raise IrisInputError("the reference label map is empty: draw the structures to segment on the reference first")
@@ -223,8 +245,9 @@ class Segmenter:
         missing = [v for v in labels if v not in present]
         if missing:
             raise IrisInputError(f"label(s) {missing} not in the reference label map (it has {present}): pick from those, or draw it on the reference first")
-        work, grid, constant = self._prepare(img, affine, modality, "reference image")
-        if constant:
+        ref = self.prepare(img, affine, modality, "reference image")
+        work, grid = ref.work, ref.grid
+        if ref.constant:
             warnings.warn("reference image is constant: its task embedding carries no appearance information")
         masks = self._working_masks(grid, lab, labels)
         win = self.config.model.window
@@ -233,7 +256,7 @@ class Segmenter:
         voxel_ml = float(np.prod(self.config.model.spacing)) / 1000.0
         with torch.inference_mode():
             for k in range(len(labels)):
-                crops, stat = [], {"ml": float(masks[k].sum()) * voxel_ml}
+                crops, stat = [], {"ml": float(masks[k].sum()) * voxel_ml, "pieces": float(pieces(masks[k].numpy() > 0))}
                 for origin in self._crops(masks[k]):
                     im = self._extract(work, origin, win, fill)[None]
                     mk = self._extract(masks[k : k + 1], origin, win, 0.0)[None]
@@ -246,20 +269,27 @@ class Segmenter:
                     raise IrisInputError(f"label {labels[k]} is too small to see at the working spacing {self.config.model.spacing} mm: draw it larger, or use another reference")
                 tokens.append(torch.stack(crops).mean(0))
                 stats.append(stat)
-        return TaskEmbedding(torch.stack(tokens), labels, list(names or []), list(colours or []), self.model_id, stats)
+        atlas = make_atlas(ref, masks, labels, self.config.localise, float(self.config.model.spacing[0]))
+        return TaskEmbedding(torch.stack(tokens), labels, list(names or []), list(colours or []), self.model_id, stats, [atlas])
+
+    def _until_fits(self, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """`run()`, retried on the CPU after CUDA out of memory (a single window cannot be split)."""
+        while True:
+            try:
+                return run()
+            except torch.cuda.OutOfMemoryError:
+                self.runtime = self.runtime.after_oom(batch=1)
+                if isinstance(self.model, torch.nn.Module):
+                    self.model.to(self.device)
 
     def _encode_crop(self, image: torch.Tensor, mask: torch.Tensor, check: bool = False) -> tuple[torch.Tensor, float | None]:
         """One window's task tokens and, with `check`, the Dice of that task on its own window (a confidence
         feature: one more window's forward); on CUDA out of memory, continues on the CPU (one window cannot be split)."""
-        while True:
-            try:
-                tokens = self.model.encode_task(image.to(self.device), mask.to(self.device))[0, 0].float().cpu()
-                break
-            except torch.cuda.OutOfMemoryError:
-                self._shrink_after_oom(batch=1)
+        tokens = self._until_fits(lambda: self.model.encode_task(image.to(self.device), mask.to(self.device))[0, 0].float().cpu())
         if not check:
             return tokens, None
-        pred, truth = self._forward([image[0]], tokens[None])[0, 0] >= 0.5, mask[0, 0] > 0
+        pred = self._until_fits(lambda: self.runtime.forward(self.model, [image[0]], tokens[None]))[0, 0] >= 0.5
+        truth = mask[0, 0] > 0
         return tokens, 2.0 * float((pred & truth).sum()) / max(float(pred.sum() + truth.sum()), 1.0)
 
     def encode_references(self, references: list[tuple], labels: list[int] | None = None, names=None, colours=None,
@@ -272,7 +302,8 @@ class Segmenter:
         win = self.config.model.window
         ims, mks = [], []
         for image, affine, label in references:
-            work, grid, _ = self._prepare(image, affine, modality, "tuning image")
+            prepared = self.prepare(image, affine, modality, "tuning image")
+            work, grid = prepared.work, prepared.grid
             lab = np.rint(np.asarray(label)).astype(np.int64)
             masks = self._working_masks(grid, lab, task.labels)
             for k in range(len(task.labels)):
@@ -282,14 +313,9 @@ class Segmenter:
                     mks.append(self._extract(masks, origin, win, 0.0))
         if not ims:
             raise IrisInputError("in-context tuning needs at least one image where the task's labels are present")
-        while True:
-            try:
-                tokens = tune(self.model.segment, task.tokens.to(self.device)[None], torch.stack(ims).to(self.device),
-                              torch.stack(mks).to(self.device), steps, lr)
-                break
-            except torch.cuda.OutOfMemoryError:
-                self._shrink_after_oom(batch=1)
-        return TaskEmbedding(tokens[0].cpu(), task.labels, task.names, task.colours, task.model_id, task.references)
+        tokens = self._until_fits(lambda: tune(self.model.segment, task.tokens.to(self.device)[None], torch.stack(ims).to(self.device),
+                                               torch.stack(mks).to(self.device), steps, lr))
+        return task.with_tokens(tokens[0].cpu())
 
     def retrieve(self, image, affine, task: TaskEmbedding, top_k: int = 1, modality: str = "auto",
                  progress: Progress | None = None, cancel: Cancel | None = None) -> tuple[SegmentationResult, list[list[str]]]:
@@ -305,155 +331,101 @@ class Segmenter:
         for i, v in enumerate(task.labels):
             if v in hits:
                 tokens[i] = torch.stack([self.bank.embeddings[n] for n, _ in hits[v]]).mean(0)
-        second = TaskEmbedding(tokens, task.labels, task.names, task.colours, task.model_id, task.references)
+        second = task.with_tokens(tokens)
         result = self.segment(image, affine, second, modality, progress=progress, cancel=cancel)
         return result, [[n for n, _ in hits.get(v, [])] for v in task.labels]
 
     # -- segmentation ------------------------------------------------------------------------
     def segment(self, image, affine, task: TaskEmbedding, modality: str = "auto", overlap: float | None = None,
                 progress: Progress | None = None, cancel: Cancel | None = None, strategy: str | None = None,
-                confidence: bool = True) -> SegmentationResult:
-        """Label map of the task's structures in `image`, on the image's own grid. `strategy`: "coarse-to-fine"
-        (default from the config) or "full" (see `_sliding_window`). `confidence`: also the confidence
-        features per segment and, where the model has a calibration, the estimated Dice (`confidence.py`)."""
+                confidence: bool = True, localise: str | None = None, postprocess: bool = True,
+                keep_prior: bool = False) -> SegmentationResult:
+        """Label map of the task's structures in `image`, on the image's own grid.
+
+        `localise`: "auto" (default from the config: registration where the task carries its references and
+        the registration engine is installed), "registration" or "none" (the whole field of view, no prior).
+        `strategy`: "coarse-to-fine" or "full", for the unlocalised windows (`probabilities`). `confidence`:
+        also the confidence features and, with a calibration, the estimated Dice (`confidence.py`).
+        `postprocess`: largest component where the reference structure is one piece, holes filled.
+        `keep_prior`: also return the prior on the target grid (to inspect it)."""
         t0 = time.perf_counter()
+        times: dict[str, float] = {}
+
+        def lap(stage: str) -> None:
+            times[stage] = time.perf_counter() - t0 - sum(times.values())
+
         if task.model_id != self.model_id:
             raise IrisInputError(f"the task embedding was made by model {task.model_id!r}, not by the loaded {self.model_id!r}; encode the reference again with this model")
         overlap = self.config.inference.overlap if overlap is None else overlap
         if not 0 <= overlap < 1:
             raise IrisInputError(f"overlap must be in [0, 1), not {overlap}")
         report = progress or (lambda f, m: None)
-        work, grid, constant = self._prepare(image, affine, modality, "target image")
-        shape = tuple(np.asarray(image).shape[:3])
-        if constant:
+        target = self.prepare(image, affine, modality, "target image")
+        shape, grid = tuple(np.asarray(image).shape[:3]), target.grid
+        lap("prepare")
+        if target.constant:
             warnings.warn("target image is constant: nothing can be segmented; the result is empty")
-            return SegmentationResult(np.zeros(shape, np.uint8), task.labels, task.names, task.colours, str(self.device), time.perf_counter() - t0, 0)
-        probs, spread, n_windows = self._sliding_window(work, task.tokens, overlap, report, cancel, strategy, confidence)
-        del work
+            return SegmentationResult(np.zeros(shape, np.uint8), task.labels, task.names, task.colours, str(self.device),
+                                      time.perf_counter() - t0, 0, stage_seconds=times)
+        loc = self.localise(target, task, localise or self.config.localise.mode,
+                            lambda f, m: report(0.3 * f, m), cancel)
+        for w in loc.warnings:
+            warnings.warn(w)
+        lap("localise")
+        probs, spread, n_windows = self.probabilities(target.work, task.tokens, overlap, report, cancel, strategy, confidence,
+                                                      loc.region)
+        del target
+        lap("windows")
         feats: dict[int, dict[str, float]] = {}
         estimated: dict[int, float] = {}
+        if loc.prior is not None:
+            agreement = prior_agreement(probs, loc.prior, loc.region)
+            self.merge_prior(probs, loc, task)
         if confidence:
             voxel_ml = float(np.prod(self.config.model.spacing)) / 1000.0
-            feats = dict(zip(task.labels, features(probs, spread, voxel_ml, task.references)))
+            rows = features(probs, spread, voxel_ml, task.references)
+            for k, row in enumerate(rows):
+                row["prior_agreement"] = agreement[k] if loc.prior is not None else 0.0
+            feats = dict(zip(task.labels, rows))
             if self.calibration is not None:
-                estimated = dict(zip(task.labels, self.calibration.predict(list(feats.values()))))
+                estimated = dict(zip(task.labels, self.calibration.predict(rows)))
         del spread
-        label_map = self._to_label_map(probs, grid, task.labels)
+        lap("merge")
+        label_map = to_label_map(probs, grid, task.labels, self.config.inference.threshold)
+        prior = None
+        if keep_prior and loc.prior is not None:
+            prior = np.stack([grid.from_working(loc.prior[k : k + 1])[0].numpy().astype(np.float16) for k in range(len(task.labels))])
+        del probs
+        lap("label map")
+        if postprocess:
+            self.postprocess(label_map, task)
+        lap("post-process")
         report(1.0, "done")
         return SegmentationResult(label_map, task.labels, task.names, task.colours, str(self.device), time.perf_counter() - t0,
-                                  n_windows, estimated, feats)
+                                  n_windows, estimated, feats, loc.method, loc.warnings, times, prior)
 
-    def _sliding_window(self, work: torch.Tensor, tokens: torch.Tensor, overlap: float, report: Progress,
-                        cancel: Cancel | None, strategy: str | None = None,
-                        spread: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """Gaussian-blended class probabilities (K, X, Y, Z) on the working grid, with `spread` the weighted
-        standard deviation of the overlapping windows' probabilities (else None), and the windows run.
+    def trusted(self, task: TaskEmbedding) -> list[bool]:
+        """Per class, whether the network's own segmentation of its reference crop (self-Dice, measured at encode)
+        reaches `localise.min_self_dice`; unknown (no self-Dice): trusted."""
+        floor = self.config.localise.min_self_dice
+        refs = task.references or [{}] * len(task.labels)
+        return [r.get("self_dice", 1.0) >= floor for r in refs]
 
-        "full" runs every overlapping window. "coarse-to-fine" first runs the subset of those windows that
-        just covers the volume, then the other overlapping windows only where the coarse probabilities
-        reach `coarse_threshold` (plus `coarse_margin` voxels): inside that region the blend is exactly the
-        full one. Windows holding a constant image (padding, air clipped to the CT window) are not run;
-        their probability is 0.
+    def merge_prior(self, probs: torch.Tensor, loc: Localisation, task: TaskEmbedding) -> torch.Tensor:
+        """Stage 5, in place: trusted classes `prior_weight * prior + (1 - prior_weight) * network` inside the region;
+        the others (the network cannot segment its own reference) the warped masks alone; 0 outside the region."""
+        trusted = self.trusted(task)
+        weights = torch.tensor([self.config.localise.prior_weight if t else 1.0 for t in trusted])
+        prior = loc.prior
+        if not all(trusted):
+            prior = prior.clone()
+            rest = [k for k, t in enumerate(trusted) if not t]
+            prior[rest] = loc.warped_masks(rest)
+        return combine_prior(probs, prior, loc.region, weights)
 
-        The accumulator stays float32 (K x working grid): float16 would move probabilities near the 0.5
-        threshold by up to 2.4e-4 and so change results. The working grid (1.5 mm) is much smaller than
-        the usual sub-millimetre target; only thick slices are upsampled (5 mm: x3.3 along them)."""
-        inf = self.config.inference
-        strategy = strategy or inf.strategy
-        if strategy not in STRATEGIES:
-            raise IrisInputError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
-        win = self.config.model.window
-        padded, shape = pad_to_window(work, win)
-        origins = tile(padded.shape[1:], win, overlap)
-        acc = torch.zeros((tokens.shape[0], *padded.shape[1:]), dtype=torch.float32)
-        acc2 = torch.zeros_like(acc) if spread else None
-        wsum = torch.zeros(padded.shape[1:], dtype=torch.float32)
-        weight = gaussian_weights(win, inf.gaussian_sigma_scale)
-
-        def run(batch_origins: list, lo: float, hi: float) -> int:
-            ran, done, pending = 0, 0, list(batch_origins)
-            while pending:
-                if cancel is not None and cancel():
-                    raise Cancelled("segmentation cancelled")
-                chunk = pending[: self.batch_size]
-                places = [tuple(slice(a, a + w) for a, w in zip(o, win)) for o in chunk]
-                crops = [padded[(slice(None), *sl)] for sl in places]
-                live = [i for i, c in enumerate(crops) if float(c.max() - c.min()) > 0]
-                try:
-                    probs = self._forward([crops[i] for i in live], tokens) if live else None
-                except torch.cuda.OutOfMemoryError:
-                    self._shrink_after_oom(len(live))
-                    continue
-                for j, i in enumerate(live):
-                    acc[(slice(None), *places[i])] += probs[j] * weight
-                    if acc2 is not None:
-                        acc2[(slice(None), *places[i])] += probs[j].square() * weight
-                for sl in places:
-                    wsum[sl] += weight
-                pending = pending[len(chunk):]
-                ran += len(live)
-                done += len(chunk)
-                report(lo + (hi - lo) * done / len(batch_origins), f"window {done}/{len(batch_origins)}")
-            return ran
-
-        if strategy == "full":
-            n = run(origins, 0.05, 0.9)
-        else:
-            coarse = coarse_tile(padded.shape[1:], win, overlap)
-            n = run(coarse, 0.05, 0.35)
-            roi = (acc > inf.coarse_threshold * wsum).any(0)
-            m, first = inf.coarse_margin, set(coarse)
-            rest = [o for o in origins if o not in first
-                    and bool(roi[tuple(slice(max(a - m, 0), a + w + m) for a, w in zip(o, win))].any())]
-            del roi
-            n += run(rest, 0.35, 0.9)
-        acc /= wsum.clamp_min_(1e-12)  # in place: the accumulator becomes the probabilities
-        inner = (slice(None), *(slice(0, s) for s in shape))
-        if acc2 is not None:  # E[p^2] - E[p]^2, in place
-            acc2 /= wsum
-            acc2.addcmul_(acc, acc, value=-1).clamp_(min=0).sqrt_()
-            return acc[inner], acc2[inner], n
-        return acc[inner], None, n
-
-    def _forward(self, crops: list[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
-        x = torch.stack(crops).to(self.device)
-        if self.device.type == "cuda":
-            half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            autocast = torch.autocast("cuda", dtype=half)
-        else:
-            autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cpu_bf16 and self.device.type == "cpu")
-        with torch.inference_mode(), autocast:
-            logits = self.model.segment(x, tokens.to(self.device)[None])
-        return torch.sigmoid(logits.float()).cpu()
-
-    def _shrink_after_oom(self, batch: int) -> None:
-        """CUDA out of memory with a batch of `batch` windows: halve the window batch, then fall back to the
-        CPU; say so. The caller retries the same windows."""
-        torch.cuda.empty_cache()
-        if batch > 1:
-            self.batch_size = batch // 2
-            msg = f"GPU out of memory: retrying with {self.batch_size} window(s) per batch"
-        elif self.device.type != "cpu":
-            self.device = torch.device("cpu")
-            if isinstance(self.model, torch.nn.Module):
-                self.model = self.model.to(self.device)
-            msg = "GPU out of memory even with one window: continuing on the CPU (slower)"
-        else:  # cannot happen with a real model; never loop
-            raise IrisInputError("out of memory on the CPU as well: close other programs or segment a smaller (cropped) volume")
-        warnings.warn(msg)
-        log.warning(msg)
-
-    def _to_label_map(self, probs: torch.Tensor, grid: WorkingGrid, labels: list[int]) -> np.ndarray:
-        """On the target grid, the label of the most probable class (the first on ties) where its probability
-        is >= threshold, else 0. Streamed: the probabilities are resampled a slab of target rows at a time
-        (about SLAB_VALUES floats), so no target-sized float array is made; the label map is filled in place."""
-        dtype = np.uint8 if max(labels) < 256 else np.uint16 if max(labels) < 65536 else np.int32
-        out = np.zeros(grid.shape, dtype)
-        rows = grid.reoriented_view(out)  # writing rows of this view writes `out`
-        values = torch.tensor(labels, dtype=torch.int32)
-        n, ny, nz = rows.shape
-        step = max(1, SLAB_VALUES // (probs.shape[0] * ny * nz))
-        for start in range(0, n, step):
-            best, arg = grid.from_working_rows(probs, start, min(n, start + step)).max(0)
-            rows[start : start + step] = values[arg].masked_fill_(~(best >= self.config.inference.threshold), 0).numpy()
-        return out
+    @staticmethod
+    def postprocess(label_map: np.ndarray, task: TaskEmbedding) -> np.ndarray:
+        """Stage 7 (`postprocess.py`), with "one piece" from the reference (unknown: one piece, as the authors keep every
+        label's largest component)."""
+        one = [float(r.get("pieces", 1)) <= 1.0 for r in task.references] if task.references else [True] * len(task.labels)
+        return postprocess(label_map, task.labels, one)

@@ -14,6 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import IrisInputError
+from .localise import Atlas
 
 Colour = tuple[float, float, float]
 
@@ -29,7 +30,9 @@ def default_colour(i: int) -> Colour:
 class TaskEmbedding:
     """Tokens per class (K, m+1, C) with label values, names, colours and the model they belong to;
     `references`: per class what the confidence estimate needs from the reference ({"ml": volume,
-    "self_dice": Dice of the task on its own reference crop}), empty for bank or loaded old tasks."""
+    "self_dice": Dice of the task on its own reference crop, "pieces": its connected parts}), empty for bank or
+    loaded old tasks; `atlases`: the references themselves, coarse, for localisation by registration (none for
+    a memory-bank task)."""
 
     tokens: torch.Tensor
     labels: list[int]
@@ -37,6 +40,7 @@ class TaskEmbedding:
     colours: list[Colour] = field(default_factory=list)
     model_id: str = ""
     references: list[dict] = field(default_factory=list)
+    atlases: list[Atlas] = field(default_factory=list)
 
     def __post_init__(self):
         k = self.tokens.shape[0]
@@ -52,18 +56,26 @@ class TaskEmbedding:
     def select(self, labels: list[int]) -> "TaskEmbedding":
         idx = [self.labels.index(v) for v in labels]
         refs = [self.references[i] for i in idx] if self.references else []
+        atlases = [a.select([v for v in labels if v in a.labels]) for a in self.atlases if set(labels) & set(a.labels)]
         return TaskEmbedding(self.tokens[idx], list(labels), [self.names[i] for i in idx], [self.colours[i] for i in idx],
-                             self.model_id, refs)
+                             self.model_id, refs, atlases)
+
+    def with_tokens(self, tokens: torch.Tensor) -> "TaskEmbedding":
+        """The same task with other tokens (tuned, or retrieved from the memory bank)."""
+        return TaskEmbedding(tokens, self.labels, self.names, self.colours, self.model_id, self.references, self.atlases)
 
     def save(self, path: str | Path) -> None:
         """Writes a .safetensors file; atomic (temporary file, then rename): never a half-written task."""
         meta = {"labels": self.labels, "names": self.names, "colours": [list(c) for c in self.colours], "model_id": self.model_id,
-                "references": self.references}
+                "references": self.references, "atlases": [a.meta() for a in self.atlases]}
+        tensors = {"tokens": self.tokens.detach().cpu().float().contiguous()}
+        for i, a in enumerate(self.atlases):
+            tensors.update({k: v.contiguous() for k, v in a.tensors(f"atlas{i}.").items()})
         p = Path(path)
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".iris-", suffix=".safetensors")
         os.close(fd)
         try:
-            save_file({"tokens": self.tokens.detach().cpu().float().contiguous()}, tmp, metadata={"task": json.dumps(meta)})
+            save_file(tensors, tmp, metadata={"task": json.dumps(meta)})
             os.replace(tmp, p)
         finally:
             if os.path.exists(tmp):
@@ -77,11 +89,12 @@ class TaskEmbedding:
         try:
             with safe_open(str(p), framework="pt") as f:
                 meta = json.loads((f.metadata() or {})["task"])
-                tokens = f.get_tensor("tokens")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            atlases = [Atlas.from_tensors(tensors, f"atlas{i}.", m) for i, m in enumerate(meta.get("atlases", []))]
         except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as e:
             raise IrisInputError(f"{p}: not an IrisSegment task file ({e}); save one with --save-task or Save task in Slicer") from None
-        return cls(tokens, [int(v) for v in meta["labels"]], meta["names"], [tuple(c) for c in meta["colours"]], meta["model_id"],
-                   meta.get("references", []))
+        return cls(tensors["tokens"], [int(v) for v in meta["labels"]], meta["names"], [tuple(c) for c in meta["colours"]],
+                   meta["model_id"], meta.get("references", []), atlases)
 
     @staticmethod
     def ensemble(tasks: list["TaskEmbedding"]) -> "TaskEmbedding":
@@ -103,7 +116,7 @@ class TaskEmbedding:
             stats = [t.references[t.labels.index(v)] for t in have if t.references]
             refs.append({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]} if len(stats) == len(have) else {})
         return TaskEmbedding(torch.stack(tokens), labels, names, colours, first.model_id,
-                             refs if all(refs) else [])
+                             refs if all(refs) else [], [a for t in tasks for a in t.atlases])
 
 
 class MemoryBank:

@@ -56,3 +56,14 @@ def pad_to_window(volume: torch.Tensor, window) -> tuple[torch.Tensor, tuple[int
         volume = torch.nn.functional.pad(volume, (0, pad[2], 0, pad[1], 0, pad[0]), value=mode_value)
     return volume, shape
 
+
+
+def plan(shape, window, overlap: float, region: torch.Tensor | None = None, margin: int = 0,
+         exclude=()) -> list[tuple[int, int, int]]:
+    """Origins of `tile(shape, window, overlap)` not in `exclude` whose window, grown by `margin` voxels,
+    touches `region` (bool, `shape`); every origin when `region` is None."""
+    skip = set(exclude)
+    out = [o for o in tile(shape, window, overlap) if o not in skip]
+    if region is None:
+        return out
+    return [o for o in out if bool(region[tuple(slice(max(a - margin, 0), a + w + margin) for a, w in zip(o, window))].any())]

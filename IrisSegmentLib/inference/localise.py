@@ -1,0 +1,357 @@
+"""Stage 2, localise: register each reference onto the target and carry its masks across as a prior.
+
+The reference travels in the task as an `Atlas`: its working image and soft masks cropped to its body and
+block-averaged to the registration grid. `localise` crops the target to its body (the non-background box),
+block-averages it the same way, and registers every atlas onto it with Greedy (picsl-greedy, the engine of
+ITK-SNAP): rigid, then affine, then deformable, multi-resolution, NCC where both images share a modality and
+NMI where they do not. The warped masks, blurred by `prior_sigma_mm`, averaged over atlases (multi-atlas),
+are the per-class prior on the working grid; windows run only within `margin_mm` of it. A registration that
+fails (an error, low image similarity after it, a prior that leaves the target, a time-out) is dropped with
+a warning; when every one fails the engine falls back to the whole field of view.
+
+Greedy runs in a child process (`greedy_job.py`): its C++ holds the GIL and writes to the terminal, and a
+child can be killed at once when the user cancels."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import LocaliseConfig
+from ..errors import Cancelled, IrisInputError
+from .prepare import Prepared
+
+Progress = Callable[[float, str], None]
+Cancel = Callable[[], bool]
+JOB = Path(__file__).with_name("greedy_job.py")
+STAGES = ("moments", "rigid", "affine", "deformable", "warping")
+
+
+@dataclass
+class Atlas:
+    """A reference for registration: image (X, Y, Z) and soft masks (K, X, Y, Z) on a coarse grid, RAS affine."""
+
+    image: np.ndarray
+    masks: np.ndarray
+    affine: np.ndarray
+    labels: list[int]
+    modality: str
+
+    def select(self, labels: list[int]) -> "Atlas":
+        idx = [self.labels.index(v) for v in labels]
+        return Atlas(self.image, self.masks[idx], self.affine, list(labels), self.modality)
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """For a safetensors file (float16 image, uint8 masks)."""
+        return {f"{prefix}image": torch.from_numpy(self.image.astype(np.float16)),
+                f"{prefix}masks": torch.from_numpy(np.rint(self.masks * 255).astype(np.uint8)),
+                f"{prefix}affine": torch.from_numpy(self.affine.astype(np.float64))}
+
+    def meta(self) -> dict:
+        return {"labels": self.labels, "modality": self.modality}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor], prefix: str, meta: dict) -> "Atlas":
+        return cls(t[f"{prefix}image"].float().numpy(), t[f"{prefix}masks"].float().numpy() / 255.0,
+                   t[f"{prefix}affine"].numpy(), [int(v) for v in meta["labels"]], meta["modality"])
+
+
+@dataclass
+class Localisation:
+    """Where the structures can be: `prior` (K, X, Y, Z) in [0, 1] and `region` (X, Y, Z) bool on the working
+    grid, or both None (no localisation: the whole field of view). Per atlas: similarity and inside fraction.
+    `warped`: the warped masks before blurring (mean over atlases) on the registration grid, in `box`, block `factor`."""
+
+    prior: torch.Tensor | None
+    region: torch.Tensor | None
+    method: str  # "registration" or "none"
+    warnings: list[str]
+    similarity: list[float]
+    inside: list[float]
+    seconds: float
+    warped: np.ndarray | None = None
+    box: tuple[slice, ...] = ()
+    factor: int = 1
+
+    def warped_masks(self, classes: list[int] | None = None) -> torch.Tensor:
+        """The reference masks carried onto the working grid, not blurred: registration alone (atlas segmentation);
+        `classes`: only these (indices)."""
+        coarse = self.warped if classes is None else self.warped[classes]
+        return to_working(coarse, self.box, self.factor, self.prior.shape[1:])
+
+
+def unlocalised(warnings: list[str] | None = None, seconds: float = 0.0) -> Localisation:
+    return Localisation(None, None, "none", list(warnings or []), [], [], seconds)
+
+
+def to_working(coarse: np.ndarray, box, f: int, shape) -> torch.Tensor:
+    """(K, ...) values on the registration grid of `box` and block `f` -> (K, *shape) on the working grid, 0 outside."""
+    out = torch.zeros((coarse.shape[0], *shape))
+    c = torch.from_numpy(np.clip(coarse, 0, 1).astype(np.float32))
+    up = F.interpolate(c[None], scale_factor=f, mode="trilinear", align_corners=False)[0] if f > 1 else c
+    out[(slice(None), *box)] = up[(slice(None), *(slice(0, b.stop - b.start) for b in box))]
+    return out
+
+
+def greedy_available() -> bool:
+    try:
+        import importlib.util
+
+        return importlib.util.find_spec("picsl_greedy") is not None and importlib.util.find_spec("SimpleITK") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# -- grids ------------------------------------------------------------------------------------------
+def body_box(work: torch.Tensor, spacing: float, margin_mm: float) -> tuple[slice, slice, slice]:
+    """The box of what is not background, plus `margin_mm`: background is the dark (below Otsu's threshold on
+    a 4x coarser copy) part connected to the image's faces. An image with no such part is its own box."""
+    import SimpleITK as sitk
+    from scipy.ndimage import label
+
+    f = 4
+    x = work[0][None, None].float()
+    pad = [(-n) % f for n in x.shape[2:]]
+    x = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]), mode="replicate")
+    small = F.avg_pool3d(x, f)[0, 0].numpy()
+    if float(small.max() - small.min()) == 0.0:
+        return tuple(slice(0, n) for n in work.shape[1:])
+    dark = sitk.GetArrayFromImage(sitk.OtsuThreshold(sitk.GetImageFromArray(small), 1, 0)).astype(bool)  # 1 below
+    comps = label(dark)[0]  # 6-connected
+    faces = np.unique(np.concatenate([comps[[0, -1]].ravel(), comps[:, [0, -1]].ravel(), comps[:, :, [0, -1]].ravel()]))
+    body = ~np.isin(comps, faces[faces > 0])
+    if not body.any():
+        return tuple(slice(0, n) for n in work.shape[1:])
+    nz = np.argwhere(body)
+    m = int(math.ceil(margin_mm / spacing))
+    lo = np.maximum(nz.min(0) * f - m, 0)
+    hi = np.minimum((nz.max(0) + 1) * f + m, work.shape[1:])
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def block_factor(shape, max_voxels: int) -> int:
+    """The smallest integer block size that brings `shape` to at most `max_voxels` voxels."""
+    f = 1
+    while np.prod([-(-n // f) for n in shape]) > max_voxels:
+        f += 1
+    return f
+
+
+def coarsen(volume: torch.Tensor, box, f: int) -> torch.Tensor:
+    """(C, X, Y, Z) cropped to `box` and block-averaged by `f` (the far edge padded by replication)."""
+    x = volume[(slice(None), *box)].float()[None]
+    pad = [(-n) % f for n in x.shape[2:]]
+    if any(pad):
+        x = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]), mode="replicate")
+    return F.avg_pool3d(x, f)[0] if f > 1 else x[0]
+
+
+def coarse_affine(working_affine: np.ndarray, box, f: int) -> np.ndarray:
+    """Voxel-to-world of `coarsen(volume, box, f)`: coarse voxel c is the centre of working voxels lo + f*c .. + f - 1."""
+    m = np.eye(4)
+    m[:3, :3] *= f
+    m[:3, 3] = [s.start + (f - 1) / 2 for s in box]
+    return working_affine @ m
+
+
+def make_atlas(ref: Prepared, masks: torch.Tensor, labels: list[int], cfg: LocaliseConfig, spacing: float) -> Atlas:
+    """The reference as registration needs it: its body box (grown to hold every mask), block-averaged."""
+    box = body_box(ref.work, spacing, cfg.body_margin_mm)
+    nz = torch.nonzero(masks.amax(0) > 0)
+    m = int(math.ceil(cfg.body_margin_mm / spacing))
+    box = tuple(slice(max(min(b.start, int(lo) - m), 0), min(max(b.stop, int(hi) + 1 + m), n))
+                for b, lo, hi, n in zip(box, nz.min(0).values, nz.max(0).values, ref.work.shape[1:]))
+    f = block_factor([b.stop - b.start for b in box], cfg.max_voxels)
+    return Atlas(coarsen(ref.work, box, f)[0].numpy(), coarsen(masks, box, f).clamp(0, 1).numpy(),
+                 coarse_affine(ref.grid.working_affine, box, f), list(labels), ref.modality)
+
+
+# -- registration -----------------------------------------------------------------------------------
+def python_executable() -> str:
+    """The Python to run the registration child with: Slicer's PythonSlicer inside Slicer, else this one."""
+    exe = Path(sys.executable)
+    if "slicer" in exe.name.lower():
+        found = shutil.which("PythonSlicer") or shutil.which("PythonSlicer", path=str(exe.parent))
+        if found:
+            return found
+    return sys.executable
+
+
+def greedy_commands(cfg: LocaliseConfig, metric: str, masks: int) -> list[str]:
+    m = f"-m NCC {cfg.ncc_radius}x{cfg.ncc_radius}x{cfg.ncc_radius}" if metric == "ncc" else "-m NMI"
+    cmds = [f"-i fixed.nii moving.nii -moments 1 -o moments.mat",
+            f"-i fixed.nii moving.nii -a -dof 6 -ia moments.mat {m} -n {cfg.rigid_iterations} -o rigid.mat",
+            f"-i fixed.nii moving.nii -a -dof 12 -ia rigid.mat {m} -n {cfg.affine_iterations} -o affine.mat"]
+    chain = "affine.mat"
+    if cfg.deformable_iterations:
+        cmds.append(f"-i fixed.nii moving.nii -it affine.mat {m} -n {cfg.deformable_iterations} -s {cfg.deformable_smoothing} -o warp.nii")
+        chain = "warp.nii affine.mat"
+    outs = " ".join(f"-rm mask{k}.nii warped{k}.nii" for k in range(masks))
+    cmds.append(f"-rf fixed.nii -ri LINEAR -rm moving.nii warped_image.nii {outs} -r {chain}")
+    return cmds
+
+
+def run_greedy(fixed: tuple[np.ndarray, np.ndarray], atlas: Atlas, cfg: LocaliseConfig, metric: str, threads: int,
+               report: Progress, cancel: Cancel | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Registers `atlas` onto `fixed` (image, affine): (warped image, warped masks (K, ...), affine matrix) on
+    the fixed grid. Raises Cancelled when `cancel()` turns true, RuntimeError when Greedy fails or times out."""
+    import nibabel as nib
+
+    with tempfile.TemporaryDirectory(prefix="iris-register-") as d:
+        folder = Path(d)
+        # Non-negative images: the moments initialisation weighs voxels by intensity (NCC and NMI do not mind a shift).
+        nib.save(nib.Nifti1Image((fixed[0] - fixed[0].min()).astype(np.float32), fixed[1]), folder / "fixed.nii")
+        nib.save(nib.Nifti1Image((atlas.image - atlas.image.min()).astype(np.float32), atlas.affine), folder / "moving.nii")
+        for k, mk in enumerate(atlas.masks):
+            nib.save(nib.Nifti1Image(mk.astype(np.float32), atlas.affine), folder / f"mask{k}.nii")
+        cmds = greedy_commands(cfg, metric, len(atlas.masks))
+        (folder / "job.json").write_text(json.dumps({"threads": threads, "commands": cmds}))
+        proc = subprocess.Popen([python_executable(), str(JOB), str(folder)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, text=True)
+        lines: list[str] = []
+        import threading
+
+        reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+        reader.start()
+        t0 = time.monotonic()
+        try:
+            while proc.poll() is None:
+                if cancel is not None and cancel():
+                    raise Cancelled("segmentation cancelled during registration")
+                if time.monotonic() - t0 > cfg.timeout_s:
+                    raise RuntimeError(f"registration took longer than {cfg.timeout_s:g} s")
+                stages = [ln for ln in lines if ln.startswith("stage")]
+                if stages:
+                    i, n = stages[-1].split()[1].split("/")
+                    report((int(i) - 1) / int(n), STAGES[min(int(i), len(STAGES)) - 1 if int(i) < int(n) else -1])
+                time.sleep(0.05)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            reader.join(timeout=5)
+            proc.stdout.close()
+        if proc.returncode != 0:
+            err = next((ln[7:].strip() for ln in lines if ln.startswith("error:")), "".join(lines[-3:]).strip())
+            raise RuntimeError(f"registration failed: {err or f'exit code {proc.returncode}'}")
+        image = np.asarray(nib.load(folder / "warped_image.nii").get_fdata(), np.float32)
+        masks = np.stack([np.asarray(nib.load(folder / f"warped{k}.nii").get_fdata(), np.float32) for k in range(len(atlas.masks))])
+        matrix = np.loadtxt(folder / "affine.mat")
+    return image, masks, matrix
+
+
+def similarity(a: np.ndarray, b: np.ndarray, where: np.ndarray, metric: str) -> float:
+    """Pearson correlation (ncc) or NMI - 1 (nmi, in [0, 1]) of two images over `where`."""
+    x, y = a[where].astype(np.float64), b[where].astype(np.float64)
+    if x.size < 10 or x.std() < 1e-9 or y.std() < 1e-9:
+        return 0.0
+    if metric == "ncc":
+        return float(np.corrcoef(x, y)[0, 1])
+    h = np.histogram2d(x, y, bins=32)[0]
+    p = h / h.sum()
+
+    def entropy(q):
+        q = q[q > 0]
+        return -float((q * np.log(q)).sum())
+
+    hx, hy, hxy = entropy(p.sum(1)), entropy(p.sum(0)), entropy(p)
+    return (hx + hy) / hxy - 1.0 if hxy > 0 else 0.0
+
+
+def blur(volume: np.ndarray, sigma_vox: float) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    return volume if sigma_vox <= 0 else np.stack([gaussian_filter(v, sigma_vox, mode="constant") for v in volume])
+
+
+def dilate(mask: torch.Tensor, m: int, box) -> torch.Tensor:
+    """`mask` (X, Y, Z), zero outside `box`, dilated by a (2m+1)^3 cube: separable max pooling within box + m."""
+    out = torch.zeros_like(mask)
+    grown = tuple(slice(max(b.start - m, 0), min(b.stop + m, n)) for b, n in zip(box, mask.shape))
+    x = mask[grown].float()[None, None]
+    for axis in range(3):
+        k = [1, 1, 1]
+        k[axis] = 2 * m + 1
+        pad = [0, 0, 0]
+        pad[axis] = m
+        x = F.max_pool3d(x, tuple(k), stride=1, padding=tuple(pad))
+    out[grown] = x[0, 0] > 0
+    return out
+
+
+def localise(target: Prepared, atlases: list[Atlas], labels: list[int], cfg: LocaliseConfig, spacing: float, threads: int = 2,
+             progress: Progress | None = None, cancel: Cancel | None = None) -> Localisation:
+    """The prior of `labels` on the target's working grid from every atlas that registers; see the module docstring."""
+    t0 = time.perf_counter()
+    report = progress or (lambda f, m: None)
+    if not atlases:
+        return unlocalised(["the task carries no reference image to register (a memory-bank task, or one saved before "
+                            "localisation existed): segmenting the whole field of view"])
+    box = body_box(target.work, spacing, cfg.body_margin_mm)
+    f = block_factor([b.stop - b.start for b in box], cfg.max_voxels)
+    fixed_img = coarsen(target.work, box, f)[0].numpy()
+    fixed = (fixed_img, coarse_affine(target.grid.working_affine, box, f))
+    voxel_mm3 = float(abs(np.linalg.det(fixed[1][:3, :3])))
+    total = np.zeros((len(labels), *fixed_img.shape), np.float32)
+    counts = np.zeros(len(labels), np.float32)
+    notes, sims, insides = [], [], []
+    for i, atlas in enumerate(atlases):
+        have = [v for v in labels if v in atlas.labels]
+        if not have:
+            continue
+        atlas = atlas.select(have)
+        metric = cfg.metric if cfg.metric != "auto" else ("ncc" if atlas.modality == target.modality else "nmi")
+        step = lambda fr, msg, i=i: report((i + fr) / len(atlases), f"registering reference {i + 1}/{len(atlases)}: {msg}")  # noqa: E731
+        try:
+            image, warped, matrix = run_greedy(fixed, atlas, cfg, metric, threads, step, cancel)
+        except Cancelled:
+            raise
+        except RuntimeError as e:
+            notes.append(f"reference {i + 1}: {e}")
+            continue
+        ref_mm3 = atlas.masks.reshape(len(have), -1).sum(1) * abs(np.linalg.det(atlas.affine[:3, :3]))
+        expected = ref_mm3 / max(abs(np.linalg.det(matrix[:3, :3])), 1e-6)
+        inside = float(warped.reshape(len(have), -1).sum(1).sum() * voxel_mm3 / max(expected.sum(), 1e-6))
+        near = blur(warped.max(0, keepdims=True), 2.0)[0] > 0.05
+        sim = similarity(image, fixed_img, near if near.sum() > 100 else np.ones_like(near), metric)
+        sims.append(sim)
+        insides.append(inside)
+        det = float(np.linalg.det(matrix[:3, :3]))
+        if not 1.0 / cfg.max_scale <= det <= cfg.max_scale:
+            notes.append(f"reference {i + 1}: registration {'mirrored' if det <= 0 else 'scaled volumes by %.2g' % (1 / det)} "
+                         "(another body region, or a failed registration)")
+            continue
+        if inside < cfg.min_inside:
+            notes.append(f"reference {i + 1}: registration carried only {inside:.0%} of the reference structures into the target "
+                         "(another body region or field of view?)")
+            continue
+        if sim < cfg.min_similarity:
+            notes.append(f"reference {i + 1}: after registration the images look alike only {sim:.2f} "
+                         f"(< {cfg.min_similarity:g}): a reference of another body region or contrast, or a failed registration")
+            continue
+        for k, v in enumerate(have):
+            total[labels.index(v)] += warped[k]
+            counts[labels.index(v)] += 1
+    seconds = time.perf_counter() - t0
+    if not counts.any():
+        return Localisation(None, None, "none", notes + ["registration failed for every reference: segmenting the whole field "
+                                                          "of view without a prior (check that the reference shows the same body region)"],
+                            sims, insides, seconds)
+    mean = total / np.maximum(counts, 1)[:, None, None, None]
+    prior = to_working(blur(mean, cfg.prior_sigma_mm / (spacing * f)), box, f, target.work.shape[1:])
+    region = dilate(prior.amax(0) > 0.05, int(math.ceil(cfg.margin_mm / spacing)), box)
+    missing = [v for v, c in zip(labels, counts) if c == 0]
+    if missing:
+        notes.append(f"label(s) {missing}: no reference registered for them; they get no prior")
+    return Localisation(prior, region, "registration", notes, sims, insides, time.perf_counter() - t0, mean, box, f)
