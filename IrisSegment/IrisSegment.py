@@ -1,54 +1,38 @@
 """IRIS Segment: segment a scan like the segments drawn on another scan (in-context segmentation).
 
-The panel and the Segment Editor effect only gather inputs; the work is done by IrisSegmentLib.mrml
-(reading the scene, writing segments) and its engine. Nothing here imports torch or IrisSegmentLib at
-import time: dependencies are installed only when the user asks for it.
+The panel and the Segment Editor effect only gather inputs; IrisSegmentSupport.logic (no Qt, no torch) and
+IrisSegmentLib.mrml do the work. Nothing here imports torch or IrisSegmentLib at import time: torch loads on the
+first segmentation, and dependencies are installed only when the user asks for it.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import re
+import logging
 import sys
 from pathlib import Path
 
 import qt
 import slicer
 import vtk
-from slicer.ScriptedLoadableModule import (
-    ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
-    ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
-)
+from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
 _HERE = Path(__file__).resolve().parent
 if not (_HERE / "IrisSegmentLib").is_dir() and (_HERE.parent / "IrisSegmentLib" / "__init__.py").is_file():
-    # A source checkout added through "Additional module paths": the library sits beside this folder.
-    sys.path.insert(0, str(_HERE.parent))
+    # A source checkout added through "Additional module paths": the library sits beside this folder. Appended, never
+    # put first, so that nothing in the checkout can shadow a package of Slicer's own Python.
+    if str(_HERE.parent) not in sys.path:
+        sys.path.append(str(_HERE.parent))
 
-TORCH_REQUIREMENT = ">=2.2"
-# Packages the library needs besides torch (from the PyTorch extension) and numpy/vtk (shipped with Slicer).
-REQUIREMENTS_FILE = _HERE / "Resources" / "requirements.txt"
-# Requirement names whose import name differs.
-IMPORT_NAMES = {"PyYAML": "yaml"}
+from IrisSegmentSupport import dependencies, sampledata  # noqa: E402  (beside this file; Slicer puts it on sys.path)
+from IrisSegmentSupport.logic import IrisSegmentLogic  # noqa: E402
+from IrisSegmentSupport.progressdialog import ProgressRun  # noqa: E402
+
+MINIMUM_SLICER = "5.10"  # Python 3.12; IrisSegmentLib needs Python 3.10 or newer (Slicer 5.8 and older ship 3.9)
+# PLACEHOLDER: the project has no public repository yet; replace this address (and the ones in ../CMakeLists.txt)
+# with the real one before submitting the extension to the Slicer Extensions Index.
+HOMEPAGE = "https://github.com/PLACEHOLDER-OWNER/IrisSegment"
+README_URL = HOMEPAGE + "#3d-slicer-extension"
 SEGMENT_SEPARATOR = ";"
-# Localisation (IrisSegmentLib.inference.localise): (value passed to the engine, label shown), default first.
-LOCALISE_CHOICES = [("auto", "auto"), ("registration", "registration"), ("none", "none (whole field of view)")]
-LOCALISE_TOOLTIP = (
-    "auto: register the reference onto the target and segment only where its structures can be (falls back to the "
-    "whole field of view, with a warning, when registration fails or cannot run). registration: the same, but an "
-    "error when it cannot run. none: segment the whole field of view, no registration.")
-
-
-def _requirements() -> list[str]:
-    return [line.strip() for line in REQUIREMENTS_FILE.read_text().splitlines() if line.strip() and not line.startswith("#")]
-
-
-def _installed(requirement: str) -> bool:
-    name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0)
-    return importlib.util.find_spec(IMPORT_NAMES.get(name, name)) is not None
 
 
 #
@@ -67,13 +51,17 @@ class IrisSegment(ScriptedLoadableModule):
             "added as new segments named and coloured like the reference. Localisation 'auto' first registers the "
             "reference onto the target and segments only where its structures can be; the status says whether it "
             "did, and shows any warning (e.g. a failed registration). Also available as the 'IRIS' effect of "
-            "the Segment Editor and from Python: slicer.util.getModuleLogic('IrisSegment').segment(...)."
+            "the Segment Editor and from Python: slicer.util.getModuleLogic('IrisSegment').segment(...). "
+            "Try it on the sample pair 'IRIS hippocampus pair' of the Sample Data module. "
+            f'Needs Slicer {MINIMUM_SLICER} or later and PyTorch (Install dependencies). '
+            f'<p>Instructions, limits and the model card: <a href="{README_URL}">README</a>.</p>'
         )
         self.parent.acknowledgementText = (
             "Based on IRIS (Gao et al., CVPR 2025, 'Show and Segment: Universal Medical Image Segmentation via "
             "In-Context Learning'). Sample data: Medical Segmentation Decathlon, Task04_Hippocampus (CC BY-SA 4.0)."
         )
         slicer.app.connect("startupCompleted()", registerEditorEffect)
+        slicer.app.connect("startupCompleted()", registerSampleData)
 
 
 def registerEditorEffect() -> None:
@@ -85,11 +73,23 @@ def registerEditorEffect() -> None:
     instance.self().register()
 
 
+def registerSampleData() -> None:
+    """Adds the bundled sample pair to the Sample Data module (loaded from the bundled files, no download)."""
+    import SampleData
+
+    try:
+        source = sampledata.source(_HERE, _HERE / "Resources" / "Icons" / "IrisSegmentSampleData.png")
+    except OSError as e:
+        logging.warning(f"IrisSegment: the sample pair is not in the Sample Data module ({e})")
+        return
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(**source)
+
+
 #
 # IrisSegmentWidget
 #
 class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel: keeps the parameter node and the GUI in step, enables buttons, calls the logic."""
+    """The panel: keeps the parameter node and the GUI in step, enables buttons, runs the logic behind a progress dialog."""
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -98,7 +98,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._updatingGUI = False
         self._running = False
-        self._missingDependencies: list[str] = []
+        self._problems: list[dependencies.Problem] = []
         self._observedSegmentation = None
 
     def setup(self):
@@ -108,7 +108,6 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = IrisSegmentLogic()
-        self.ui.progressBar.visible = False
         for value, label in self.logic.LOCALISE_CHOICES:
             self.ui.localiseComboBox.addItem(label, value)
         self.ui.localiseComboBox.toolTip = self.logic.LOCALISE_TOOLTIP
@@ -129,7 +128,6 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.taskNameLineEdit.connect("textChanged(QString)", self.updateButtons)
         self.ui.savedTaskComboBox.connect("currentIndexChanged(int)", self.updateButtons)
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
-        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.saveTaskButton.connect("clicked(bool)", self.onSaveTask)
         self.ui.segmentFromTaskButton.connect("clicked(bool)", self.onSegmentFromTask)
         self.ui.installButton.connect("clicked(bool)", self.onInstallDependencies)
@@ -156,10 +154,11 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- parameter node ------------------------------------------------------------------------
     def initializeParameterNode(self):
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.GetNodeReference("TargetVolume"):
-            volume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if volume:
-                self._parameterNode.SetNodeReferenceID("TargetVolume", volume.GetID())
+        p = self._parameterNode
+        if not p.GetNodeReference("TargetVolume"):
+            target = self.logic.defaultTarget(slicer.mrmlScene, p.GetNodeReference("ReferenceVolume"))
+            if target is not None:
+                p.SetNodeReferenceID("TargetVolume", target.GetID())
 
     def setParameterNode(self, parameterNode):
         if parameterNode:
@@ -221,6 +220,10 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else:
                 items = [self.ui.referenceSegmentsList.item(i) for i in range(self.ui.referenceSegmentsList.count)]
                 ids = [item.data(qt.Qt.UserRole) for item in items if item.checkState() == qt.Qt.Checked]
+            reference = p.GetNodeReference("ReferenceVolume")
+            if reference is not None and p.GetNodeReference("TargetVolume") is reference:  # never segment the reference itself
+                other = self.logic.defaultTarget(slicer.mrmlScene, reference)
+                p.SetNodeReferenceID("TargetVolume", other.GetID() if other is not None else None)
             p.SetParameter("ReferenceSegments", SEGMENT_SEPARATOR.join(ids))
             p.SetParameter("Device", self.ui.deviceComboBox.itemData(self.ui.deviceComboBox.currentIndex) or "auto")
             p.SetParameter("Localise", self.ui.localiseComboBox.itemData(self.ui.localiseComboBox.currentIndex) or "auto")
@@ -262,7 +265,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _missingForReference(self) -> str:
         """What the user still has to choose before the reference can be used ("" when ready)."""
         p = self._parameterNode
-        if self._missingDependencies:
+        if self._problems:
             return "Install the dependencies first."
         if not p.GetNodeReference("ReferenceVolume"):
             return "Select the reference volume."
@@ -283,19 +286,18 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         missingTask = self._missingForReference() or ("" if self.ui.taskNameLineEdit.text.strip() else "Type a task name.")
         self.ui.saveTaskButton.enabled = idle and not missingTask
         self.ui.saveTaskButton.toolTip = missingTask or "Save the task embedding of the checked reference segments."
-        self.ui.segmentFromTaskButton.enabled = idle and hasTarget and bool(self.ui.savedTaskComboBox.currentText) and not self._missingDependencies
-        self.ui.cancelButton.enabled = self._running
+        self.ui.segmentFromTaskButton.enabled = idle and hasTarget and bool(self.ui.savedTaskComboBox.currentText) and not self._problems
 
     def refreshDependencies(self):
-        """Shows the install button when packages are missing; otherwise lists devices and saved tasks."""
-        self._missingDependencies = self.logic.missingDependencies()
-        self.ui.installButton.visible = bool(self._missingDependencies)
-        self.ui.dependenciesLabel.visible = bool(self._missingDependencies)
-        self.ui.dependenciesLabel.text = (
-            f"IrisSegment needs the Python packages {', '.join(self._missingDependencies)}." if self._missingDependencies else "")
+        """Says what is missing, too old or broken (each package is imported to see that it loads) with the install
+        button; when all is well, lists the devices and saved tasks."""
+        self._problems = self.logic.dependencyProblems(probe=True)
+        self.ui.installButton.visible = bool(self._problems)
+        self.ui.dependenciesLabel.visible = bool(self._problems)
+        self.ui.dependenciesLabel.text = dependencies.message(self._problems)
         wasBlocked = self.ui.deviceComboBox.blockSignals(True)  # refilling is not a user choice
         self.ui.deviceComboBox.clear()
-        for value, label in ([("auto", "auto")] if self._missingDependencies else self.logic.deviceChoices()):
+        for value, label in ([("auto", "auto")] if self._problems else self.logic.deviceChoices()):
             self.ui.deviceComboBox.addItem(label, value)
         self.ui.deviceComboBox.blockSignals(wasBlocked)
         self.refreshSavedTasks()
@@ -303,7 +305,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def refreshSavedTasks(self):
         self.ui.savedTaskComboBox.clear()
-        for name in self.logic.savedTasks():
+        for name in ([] if self._problems else self.logic.savedTasks()):
             self.ui.savedTaskComboBox.addItem(name)
 
     # -- actions -------------------------------------------------------------------------------
@@ -311,33 +313,23 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         return [(None, p.GetNthNodeReference("ExtraReference", i)) for i in range(p.GetNumberOfNodeReferences("ExtraReference"))]
 
-    def _run(self, work):
-        """Runs work(progress) with Cancel enabled and the progress bar shown; errors are displayed."""
-        from IrisSegmentLib.errors import Cancelled
-
+    def _run(self, title: str, work):
+        """work(progress) behind a modal progress dialog with a working Cancel; None when cancelled or failed (the
+        status says which; a failure the user can act on is shown without traceback)."""
         self._running = True
         self.updateButtons()
-        self.ui.progressBar.value = 0
-        self.ui.progressBar.visible = True
         try:
-            with slicer.util.tryWithErrorDisplay("IrisSegment failed.", waitCursor=False):
-                try:
-                    return work(self.onProgress)
-                except Cancelled:
-                    self.ui.statusLabel.text = "Cancelled: nothing was added."
+            return ProgressRun(self.logic, title, self._setStatus).run(work)
         finally:
             self._running = False
-            self.ui.progressBar.visible = False
             self.updateButtons()
-        return None
 
-    def onProgress(self, fraction: float, message: str) -> None:
-        self.ui.progressBar.value = int(round(100 * fraction))
-        self.ui.statusLabel.text = message
+    def _setStatus(self, text: str) -> None:
+        self.ui.statusLabel.text = text
 
     def onApply(self):
         p = self._parameterNode
-        ids = self._run(lambda progress: self.logic.segment(
+        ids = self._run("IRIS Segment", lambda progress: self.logic.segment(
             p.GetNodeReference("TargetVolume"), p.GetNodeReference("ReferenceVolume"), p.GetNodeReference("ReferenceSegmentation"),
             self._checkedSegmentIds(), p.GetNodeReference("OutputSegmentation"), extraReferences=self._extraReferences(),
             progress=progress, **self.logic.options(p)))
@@ -346,7 +338,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSegmentFromTask(self):
         p = self._parameterNode
         task = self.logic.savedTasks()[self.ui.savedTaskComboBox.currentText]
-        ids = self._run(lambda progress: self.logic.segment(
+        ids = self._run("IRIS Segment", lambda progress: self.logic.segment(
             p.GetNodeReference("TargetVolume"), outputSegmentation=p.GetNodeReference("OutputSegmentation"), task=task,
             progress=progress, **self.logic.options(p)))
         self._showResult(ids)
@@ -361,7 +353,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         name = self.ui.taskNameLineEdit.text.strip()
         options = self.logic.options(p)
-        saved = self._run(lambda progress: self.logic.saveTask(
+        saved = self._run("Save IRIS task", lambda progress: self.logic.saveTask(
             name, p.GetNodeReference("ReferenceVolume"), p.GetNodeReference("ReferenceSegmentation"), self._checkedSegmentIds(),
             device=options["device"], extraReferences=self._extraReferences(), tuningSteps=options["tuningSteps"], progress=progress))
         if saved is not None:
@@ -369,178 +361,19 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.savedTaskComboBox.setCurrentIndex(self.ui.savedTaskComboBox.findText(saved))
             self.ui.statusLabel.text = f"Saved task '{saved}' in {self.logic.tasksFolder}"
 
-    def onCancel(self):
-        self.logic.requestCancel()
-        self.ui.statusLabel.text = "Cancelling after the current window..."
-
     def onInstallDependencies(self):
-        with slicer.util.tryWithErrorDisplay("Installing the dependencies failed.", waitCursor=True):
-            self.logic.installDependencies()
-        self.refreshDependencies()
+        """The install offer: torch through the PyTorch extension, the rest with pip; then the panel is ready (or says
+        to restart Slicer, when an old torch was already loaded)."""
+        from IrisSegmentSupport.logic import DependencyError
 
-
-#
-# IrisSegmentLogic
-#
-class IrisSegmentLogic(ScriptedLoadableModuleLogic):
-    """Behaviour without GUI, also for the Python console:
-
-        logic = slicer.util.getModuleLogic("IrisSegment")
-        ids = logic.segment(targetVolume, referenceVolume, referenceSegmentation, ["liver", "spleen"], localise="auto")
-        print(logic.statusText(ids))  # how it was localised, and any warning (e.g. a failed registration)
-    """
-
-    LOCALISE_CHOICES = LOCALISE_CHOICES
-    LOCALISE_TOOLTIP = LOCALISE_TOOLTIP
-
-    def __init__(self):
-        ScriptedLoadableModuleLogic.__init__(self)
-        self.model = None  # None: the bundled model; or a model folder (config.yaml + weights.safetensors)
-        self.cancelRequested = False
-        self.lastOutputSegmentation = None
-        self._engine = None
-
-    def setDefaultParameters(self, parameterNode):
-        for name, value in (("Device", "auto"), ("Localise", "auto"), ("Overlap", "0.5"), ("TuningSteps", "0"), ("PostProcess", "true"),
-                            ("Show3D", "false")):
-            if not parameterNode.GetParameter(name):
-                parameterNode.SetParameter(name, value)
-
-    @staticmethod
-    def options(parameterNode) -> dict:
-        """Run options from the module's parameter node (also used by the Segment Editor effect)."""
-        return {
-            "device": parameterNode.GetParameter("Device") or "auto",
-            "localise": parameterNode.GetParameter("Localise") or "auto",
-            "overlap": float(parameterNode.GetParameter("Overlap") or 0.5),
-            "tuningSteps": int(parameterNode.GetParameter("TuningSteps") or 0),
-            "postprocess": parameterNode.GetParameter("PostProcess") != "false",
-            "show3D": parameterNode.GetParameter("Show3D") == "true",
-        }
-
-    # -- dependencies: installed only on request -------------------------------------------------
-    @staticmethod
-    def missingDependencies() -> list[str]:
-        return [r for r in ["torch", *_requirements()] if not _installed(r)]
-
-    def installDependencies(self) -> None:
-        """torch through the PyTorch extension (the right CUDA build), the rest with Slicer's pip helpers."""
         try:
-            import PyTorchUtils
-        except ModuleNotFoundError:
-            raise RuntimeError("IrisSegment needs the PyTorch extension: install it from the Extensions Manager, restart, then try again.") from None
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torchLogic.torchInstalled() and torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT) is None:
-            raise RuntimeError("PyTorch was not installed; IrisSegment cannot run without it.")
-        if importlib.util.find_spec("slicer.packaging") is not None:  # Slicer 5.11 and later
-            importlib.import_module("slicer.packaging").pip_ensure(_requirements(), requester="IrisSegment")
-        else:
-            missing = [r for r in _requirements() if not _installed(r)]
-            if missing:
-                slicer.util.pip_install(" ".join(missing))
-
-    # -- engine ----------------------------------------------------------------------------------
-    @property
-    def engine(self):
-        """The model and last task embedding, kept between runs; torch runs on a worker thread while Slicer stays responsive."""
-        from IrisSegmentLib import mrml
-
-        if self._engine is None or self._engine.model != self.model:
-            self._engine = mrml.Engine(self.model, wait=slicer.app.processEvents)
-        return self._engine
-
-    def deviceChoices(self) -> list[tuple[str, str]]:
-        from IrisSegmentLib import mrml
-
-        return mrml.device_choices()
-
-    def requestCancel(self) -> None:
-        self.cancelRequested = True
-
-    def _cancel(self) -> bool:
-        return self.cancelRequested
-
-    @staticmethod
-    def segmentIds(segmentationNode) -> list[str]:
-        if segmentationNode is None:
-            return []
-        segmentation = segmentationNode.GetSegmentation()
-        return [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
-
-    @staticmethod
-    def sourceVolume(segmentationNode):
-        """The volume the segmentation was drawn on, when the Segment Editor recorded it."""
-        if segmentationNode is None:
-            return None
-        return segmentationNode.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole())
-
-    # -- segmentation ----------------------------------------------------------------------------
-    def compute(self, targetVolume, referenceVolume=None, referenceSegmentation=None, referenceSegments=None, device="auto",
-                extraReferences=(), task=None, overlap=None, tuningSteps=0, postprocess=True, progress=None, localise="auto",
-                keepLargest=None):
-        """Segments the target without writing anything: a Pending result for `write` (the effect's preview).
-        `localise`: "auto", "registration" or "none" (see LOCALISE_TOOLTIP); `postprocess`: keep the largest piece of
-        each segment whose reference structure is one piece, and fill holes (`keepLargest`: its former name)."""
-        from IrisSegmentLib import mrml
-
-        self.cancelRequested = False
-        return mrml.compute_segments(targetVolume, referenceVolume, referenceSegmentation, referenceSegments, device, progress,
-                                     self._cancel, extra_references=extraReferences, task=task, overlap=overlap,
-                                     tuning_steps=tuningSteps, localise=localise,
-                                     postprocess=postprocess if keepLargest is None else bool(keepLargest), engine=self.engine)
-
-    def write(self, pending, outputSegmentation=None, add=None, show3D=False) -> list[str]:
-        """Adds the computed segments to `outputSegmentation` (None: a new one beside the target);
-        `add` replaces how one segment is added (the Segment Editor effect goes through the editor)."""
-        from IrisSegmentLib import mrml
-
-        self.lastOutputSegmentation = outputSegmentation or mrml.create_output_segmentation(pending.target_node)
-        return mrml.write_segments(pending, self.lastOutputSegmentation, add=add, show_3d=show3D)
-
-    def segment(self, targetVolume, referenceVolume=None, referenceSegmentation=None, referenceSegments=None,
-                outputSegmentation=None, device="auto", extraReferences=(), task=None, overlap=None, tuningSteps=0,
-                postprocess=True, show3D=False, progress=None, localise="auto", keepLargest=None) -> list[str]:
-        """Segments `targetVolume` like the reference segments (IDs or names; None: all) or a saved task file;
-        adds the results to `outputSegmentation` (None: a new segmentation) and returns the new segment IDs.
-        `extraReferences`: [(volume or None, segmentation)] averaged with the reference (context ensemble).
-        `localise`: "auto" registers the reference onto the target and segments only where its structures can be,
-        "registration" the same or an error, "none" the whole field of view; `statusText(ids)` tells which was done
-        and any warning. `postprocess`, `keepLargest`: see `compute`."""
-        pending = self.compute(targetVolume, referenceVolume, referenceSegmentation, referenceSegments, device, extraReferences,
-                               task, overlap, tuningSteps, postprocess, progress, localise, keepLargest)
-        if self.cancelRequested:
-            from IrisSegmentLib.errors import Cancelled
-
-            raise Cancelled("segmentation cancelled")
-        return self.write(pending, outputSegmentation, show3D=show3D)
-
-    def statusText(self, ids: list[str]) -> str:
-        """What was added, how fast, whether it was localised by registration, the engine's warnings (e.g. a failed
-        registration that fell back to the whole field of view) and each segment's estimated Dice (flagged where low)."""
-        from IrisSegmentLib import mrml
-
-        return mrml.status_text(self.engine.last, self.lastOutputSegmentation, ids)
-
-    # -- saved tasks -----------------------------------------------------------------------------
-    @property
-    def tasksFolder(self) -> Path:
-        return Path(slicer.app.slicerUserSettingsFilePath).parent / "IrisSegment" / "tasks"
-
-    def savedTasks(self) -> dict:
-        if self.missingDependencies():
-            return {}
-        from IrisSegmentLib import mrml
-
-        return mrml.saved_tasks(self.tasksFolder)
-
-    def saveTask(self, name, referenceVolume, referenceSegmentation, referenceSegments=None, device="auto",
-                 extraReferences=(), tuningSteps=0, progress=None) -> str:
-        """Encodes the reference, saves the embedding in the user's task folder; returns its name in `savedTasks()`."""
-        from IrisSegmentLib import mrml
-
-        task = mrml.encode_task(referenceVolume, referenceSegmentation, referenceSegments, device, progress,
-                                extra_references=extraReferences, tuning_steps=tuningSteps, engine=self.engine)
-        return mrml.save_task(task, self.tasksFolder, name).name[: -len(mrml.TASK_SUFFIX)]
+            with slicer.util.WaitCursor():
+                text = self.logic.installDependencies(self._problems)
+        except DependencyError as e:
+            text = str(e)
+            slicer.util.errorDisplay(text, windowTitle="IRIS Segment")
+        self.refreshDependencies()
+        self.ui.statusLabel.text = text
 
 
 #
@@ -553,6 +386,8 @@ class IrisSegmentTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        self.setUp()
+        self.test_SampleDataEntry()
         self.setUp()
         self.test_SegmentSampleData()
         self.setUp()
@@ -579,15 +414,26 @@ class IrisSegmentTest(ScriptedLoadableModuleTest):
         import torch
         from IrisSegmentLib import Segmenter
         from IrisSegmentLib.config import BundleConfig
-        from IrisSegmentLib.model import IrisModel
+        from IrisSegmentLib.model import build_iris
         from IrisSegmentLib.resources import DEFAULT_MODEL, resources_dir
 
         logic = IrisSegmentLogic()
         if not (resources_dir() / "Models" / DEFAULT_MODEL).is_dir():
             cfg = BundleConfig.load(resources_dir() / "Configs" / "tiny.yaml")
             torch.manual_seed(0)
-            logic.model = Segmenter(IrisModel(cfg.model), cfg, "cpu")
+            logic.model = Segmenter(build_iris(cfg.model), cfg, "cpu")
         return logic
+
+    def test_SampleDataEntry(self):
+        """The Sample Data module loads the bundled pair: two volumes and the segmentation, whose volume is found."""
+        import SampleData
+
+        registerSampleData()
+        reference, segmentation, target = SampleData.SampleDataLogic().downloadSample(sampledata.SAMPLE_NAME)
+        self.assertEqual([n.GetName() for n in (reference, segmentation, target)], [n for _, n, _ in sampledata.FILES])
+        self.assertEqual(IrisSegmentLogic.sourceVolume(segmentation), reference)
+        self.assertEqual(IrisSegmentLogic.defaultTarget(slicer.mrmlScene, reference), target)
+        self.delayDisplay("Test passed")
 
     def test_SegmentSampleData(self):
         self.delayDisplay("Segmenting hippocampus_003 like hippocampus_001")

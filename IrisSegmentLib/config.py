@@ -1,5 +1,4 @@
-"""Configuration: one dataclass per concern, saved as YAML beside the weights (PyYAML when
-installed, else the subset in `miniyaml`)."""
+"""Configuration: one dataclass per concern, saved as YAML beside the weights (PyYAML)."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,6 +6,10 @@ import hashlib
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+import yaml
+
+from .atomic import write_atomic
 
 
 # ModelConfig ablation switches: the allowed values, the design's first (issue 11).
@@ -17,6 +20,10 @@ ABLATION_CHOICES: dict[str, tuple[str, ...]] = {
     "decoder_attention": ("two-way", "one-way"),
     "class_interaction": ("joint", "independent"),
 }
+
+# ModelConfig fields added after weights were shipped (the ablation switches of issue 11, the prior input of issue 17),
+# with the value that means "the network of before": a field at that value is left out of the fingerprint.
+ADDED_LATER: dict[str, object] = {**{name: choices[0] for name, choices in ABLATION_CHOICES.items()}, "prior_channels": 0}
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,9 @@ class ModelConfig:
     context_tokens: str = "pixel-shuffle"  # or "pool": mask area-pooled to the coarse grid, 1x1x1 merge
     decoder_attention: str = "two-way"  # or "one-way": image <- tokens only; tokens not updated by the query
     class_interaction: str = "joint"  # or "independent": one decoder pass per class, no attention between classes
+    # Prior input (issue 17): width of the per-class fusion of [appearance, mask logit, localisation prior]
+    # after the mask head; 0 = no prior input (the network of before; left out of the fingerprint at 0).
+    prior_channels: int = 0
 
     @property
     def token_dim(self) -> int:
@@ -57,6 +67,8 @@ class ModelConfig:
         f = self.downsampling
         if any(w % f for w in self.window):
             raise ValueError(f"window {self.window} must be divisible by {f} (2**downsamplings)")
+        if self.prior_channels < 0:
+            raise ValueError(f"prior_channels must be >= 0, not {self.prior_channels}")
         if self.token_dim % self.heads:
             raise ValueError(f"token width {self.token_dim} must be divisible by heads {self.heads}")
         for name, choices in ABLATION_CHOICES.items():
@@ -64,11 +76,11 @@ class ModelConfig:
                 raise ValueError(f"{name} must be one of {choices}, not {getattr(self, name)!r}")
 
     def fingerprint(self) -> str:
-        """Short stable hash of the architecture, stored in weights and task embeddings; ablation
-        switches count only when they differ from the design (so the hash of a design network is
-        the one it had before the switches existed)."""
+        """Short stable hash of the architecture, stored in weights and task embeddings; a field added later
+        (`ADDED_LATER`) counts only when it differs from the value of before, so a network keeps the hash it had
+        before the field existed."""
         arch = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("name", "window")
-                and not (k in ABLATION_CHOICES and v == ABLATION_CHOICES[k][0])}
+                and not (k in ADDED_LATER and v == ADDED_LATER[k])}
         return hashlib.sha1(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -112,6 +124,14 @@ class TrainingConfig:
     merge_prob: float = 0.2  # an episode's class is the union of 2-3 labels ("a class is what the reference says")
     lut_prob: float = 0.25  # one random piecewise-linear intensity curve applied to both images of an episode
     thick_slice_prob: float = 0.15  # the query crop gets thick slices along a random axis (2-5x)
+    # Episodes that look like inference (issue 17): query crops centred where the engine runs windows, with a
+    # simulated registration prior (training/priors.py); voxels are working voxels (1.5 mm).
+    query_margin: int = 10  # query crops centred within this of the structure's box (the engine's 15 mm margin)
+    prior_sigma: float = 2.0  # blur of the simulated prior (the engine's localise.prior_sigma_mm, 3 mm)
+    prior_dropout: float = 0.25  # batches trained without their priors: segmenting from the task alone stays learnt
+    whole_volume_prob: float = 0.1  # episodes showing both whole cases shrunk to the crop: global context
+    prior_errors: tuple[str, ...] = ("affine", "elastic", "morph", "missing", "spurious")  # simulated (priors.py)
+    real_prior_prob: float = 0.3  # episodes whose query has packed registrations take a real one (registrations.py)
 
 
 LOCALISE_MODES = ("auto", "registration", "none")
@@ -147,14 +167,6 @@ class LocaliseConfig:
             raise ValueError(f"localise metric must be auto, ncc or nmi, not {self.metric!r}")
         if not 0.0 <= self.prior_weight <= 1.0:
             raise ValueError(f"localise prior_weight must be in [0, 1], not {self.prior_weight}")
-
-
-def _yaml():
-    try:
-        import yaml
-    except ImportError:
-        from . import miniyaml as yaml
-    return yaml
 
 
 def _tuple_fields(cls, data: dict) -> dict:
@@ -205,13 +217,12 @@ class BundleConfig:
         )
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(_yaml().safe_dump(self.to_dict(), sort_keys=False))
+        write_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def load(cls, path: str | Path) -> "BundleConfig":
-        yaml = _yaml()
         try:
-            data = yaml.safe_load(Path(path).read_text())
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             raise ValueError(f"config {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from . import io
+from .atomic import write_atomic
 from .inference.segmenter import Segmenter
 from .png import overlay, write_png
 from .resources import sample_data_dir
@@ -50,5 +51,5 @@ def run_demo(out_dir: Path, device: str = "auto", model: str | None = None) -> d
         "files": [str(out_dir / f"{TARGET}_iris.nii.gz"), str(out_dir / "overlay.png")],
         "overlay": "left: expert labels; right: IrisSegment (white outline: expert)",
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=1))
     return summary

@@ -2,27 +2,15 @@
 from __future__ import annotations
 
 import hashlib
-
 import itertools
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path
 from .errors import IrisInputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-def _file_mode() -> int:
-    """0666 less the process's umask: the permissions open() would give a new file."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-FILE_MODE = _file_mode()
 
 
 def _nib():
@@ -104,16 +92,8 @@ def write_volume(path: str | Path, data: np.ndarray, affine: np.ndarray, header=
     if hdr is not None:
         img.set_qform(affine, int(hdr["qform_code"]) or 1)
         img.set_sform(affine, int(hdr["sform_code"]) or 1)
-    suffix = ".nii.gz" if str(p).endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".iris-", suffix=suffix)
-    os.close(fd)
-    try:
-        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; the output gets the usual permissions
-        nib.save(img, tmp)
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(p) as tmp:
+        nib.save(img, str(tmp))
 
 
 def file_sha256(path: str | Path) -> str:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_atomic
+
 
 def write_png(path: str | Path, rgb: np.ndarray) -> None:
     """rgb: (H, W, 3) uint8."""
@@ -19,7 +21,7 @@ def write_png(path: str | Path, rgb: np.ndarray) -> None:
 
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
     png += chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
-    Path(path).write_bytes(png)
+    write_atomic(path, png)
 
 
 def overlay(image: np.ndarray, labels: np.ndarray, colours: dict[int, tuple[float, float, float]], truth: np.ndarray | None = None,

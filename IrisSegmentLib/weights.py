@@ -8,9 +8,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_path
 from .config import BundleConfig
 from .errors import IrisInputError
-from .model import IrisModel
+from .model import IrisModel, build_iris
 from .resources import model_dir
 
 WEIGHTS = "weights.safetensors"
@@ -25,7 +26,8 @@ def save_model(model: IrisModel, cfg: BundleConfig, directory: str | Path, dtype
     cfg.save(d / CONFIG)
     state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "fingerprint": cfg.model.fingerprint(), "name": cfg.model.name, "info": json.dumps(info or {})}
-    save_file(state, str(d / WEIGHTS), metadata=meta)
+    with atomic_path(d / WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata=meta)
     return d
 
 
@@ -62,7 +64,7 @@ def load_model(name_or_path: str | Path | None = None) -> tuple[IrisModel, Bundl
     tensors, meta = read_weights(d / WEIGHTS)
     if meta.get("fingerprint") not in (None, cfg.model.fingerprint()):
         raise IrisInputError(f"{d / WEIGHTS}: weights were made for another architecture than {d / CONFIG} describes (fingerprint {meta.get('fingerprint')} != {cfg.model.fingerprint()}); use the config.yaml that came with these weights")
-    model = IrisModel(cfg.model)
+    model = build_iris(cfg.model)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +17,12 @@ import pytest
 import torch
 
 torch.set_num_threads(1)  # share the CPU with other jobs on this machine
+# training runs started by tests (and their CLI children) must not take the place of the machine's background
+# training run in its pid file (IrisSegmentLib/training/pause.py): give the tests their own
+os.environ["IRIS_TRAINING_PIDFILE"] = os.path.join(tempfile.mkdtemp(prefix="iris-test-"), "training.pid")
 
 from IrisSegmentLib.config import BundleConfig  # noqa: E402
-from IrisSegmentLib.model import IrisModel  # noqa: E402
+from IrisSegmentLib.model import IrisModel, build_iris  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO_ROOT / "Resources" / "Configs" / "tiny.yaml"
@@ -40,7 +45,7 @@ def tiny_cfg() -> BundleConfig:
 def make_tiny_model(cfg: BundleConfig, seed: int = SEED) -> IrisModel:
     """The tiny network, randomly initialised from `seed` (untrained), eval mode."""
     torch.manual_seed(seed)
-    return IrisModel(cfg.model).eval()
+    return build_iris(cfg.model).eval()
 
 
 @pytest.fixture()

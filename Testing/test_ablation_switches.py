@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from IrisSegmentLib.config import ABLATION_CHOICES, BundleConfig, ModelConfig
-from IrisSegmentLib.model import IrisModel
+from IrisSegmentLib.model import build_iris
 from IrisSegmentLib.model.foreground_pooling import downsampled_pool, foreground_pool, upsample_then_pool
 
-BUNDLED_FINGERPRINT = "28a22163347a"
+BUNDLED_FINGERPRINT = "b1a73429dabd"
 
 
 def _tiny(tiny_cfg, **switches) -> IrisModel:
     torch.manual_seed(0)
-    return IrisModel(dataclasses.replace(tiny_cfg.model, **switches)).eval()
+    return build_iris(dataclasses.replace(tiny_cfg.model, **switches)).eval()
 
 
 def _inputs(k: int = 3, seed: int = 0):

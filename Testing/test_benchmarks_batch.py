@@ -1,5 +1,5 @@
-"""benchmarks/batch.py --quick (tiny random network, 4 synthetic studies): the table holds the loop and both batch
-rows with consistent numbers, every study written by every row. The machinery, not the numbers."""
+"""`python -m benchmarks.batch --quick` (tiny random network, 4 synthetic studies): the table holds the loop and
+both batch rows with consistent numbers, every study written by every row. The machinery, not the numbers."""
 from __future__ import annotations
 
 import json
@@ -11,18 +11,17 @@ import pytest
 
 from conftest import REPO_ROOT
 
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-import batch  # noqa: E402
+from benchmarks import batch
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> tuple[str, dict]:
     out = tmp_path_factory.mktemp("batch-bench") / "batch.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "batch.py"), "--quick", "--workers", "2",
-                        "--json", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    p = subprocess.run([sys.executable, "-m", "benchmarks.batch", "--quick", "--workers", "2", "--json", str(out)],
+                       capture_output=True, text=True, env=env, timeout=600, cwd=REPO_ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
-    return p.stdout, json.loads(out.read_text())
+    return p.stdout, json.loads(out.read_text(encoding="utf-8"))
 
 
 def table_rows(text: str) -> list[list[str]]:
@@ -47,6 +46,6 @@ def test_quick_table_rows_are_consistent(quick):
 
 def test_quick_caption(quick):
     text, _ = quick
-    for words in ("Command: `python benchmarks/batch.py --quick", "Device: cpu", "load average", "Cohort: 4 synthetic",
+    for words in ("Command: `python -m benchmarks.batch --quick", "Device: cpu", "load average", "Cohort: 4 synthetic",
                   "Label maps equal to the loop's, voxel for voxel: --workers 1: ", "numbers mean nothing"):
         assert words in text, words

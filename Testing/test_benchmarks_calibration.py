@@ -3,18 +3,14 @@ the table and the fitted file, on a tiny synthetic validation set with the seede
 from __future__ import annotations
 
 import shutil
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, write_la2018_val, write_nifti
-
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-import calibration  # noqa: E402
-
-from IrisSegmentLib import Segmenter  # noqa: E402
-from IrisSegmentLib.inference.confidence import FEATURES  # noqa: E402
+from conftest import write_la2018_val, write_nifti
+from IrisSegmentLib import Segmenter
+from IrisSegmentLib.inference.confidence import FEATURES
+from benchmarks import calibration
 
 
 

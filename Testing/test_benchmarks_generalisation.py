@@ -5,19 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, ellipsoid_mask, make_affine, write_la2018_val
-
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-import accuracy  # noqa: E402
-import generalisation  # noqa: E402
-import shifts  # noqa: E402
-
-from IrisSegmentLib import Segmenter  # noqa: E402
+from conftest import ellipsoid_mask, make_affine, write_la2018_val
+from IrisSegmentLib import Segmenter
+from benchmarks import generalisation, shifts
 
 AFFINE = make_affine(np.diag([1.5, 1.5, 1.5]), [0.0, 0.0, 0.0])
 

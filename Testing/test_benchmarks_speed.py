@@ -1,4 +1,4 @@
-"""benchmarks/speed.py: its resampling, and a --quick run (tiny random network, small BTCV volumes) whose
+"""`python -m benchmarks.speed`: its resampling, and a --quick run (tiny random network, small BTCV volumes) whose
 table must hold every scenario's every row with consistent numbers. Needs ../shared/data/btcv."""
 from __future__ import annotations
 
@@ -15,10 +15,8 @@ import torch
 
 from conftest import REPO_ROOT, make_tiny_model
 
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-import speed  # noqa: E402
-
-from IrisSegmentLib import Segmenter  # noqa: E402
+from IrisSegmentLib import Segmenter
+from benchmarks import speed
 
 DATA = REPO_ROOT.parent / "shared" / "data"
 
@@ -57,11 +55,10 @@ def quick(tmp_path_factory) -> tuple[str, dict]:
         pytest.skip(f"{DATA / 'btcv'} not found: the speed benchmark reads BTCV")
     out = tmp_path_factory.mktemp("speed") / "speed.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "speed.py"), "--quick", "--device", "cpu",
-                        "--runs", "1", "--threads", "1", "--data", str(DATA), "--json", str(out)],
-                       capture_output=True, text=True, env=env, timeout=900)
+    p = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--quick", "--device", "cpu", "--runs", "1", "--threads", "1",
+                        "--data", str(DATA), "--json", str(out)], capture_output=True, text=True, env=env, timeout=900, cwd=REPO_ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
-    return p.stdout, json.loads(out.read_text())
+    return p.stdout, json.loads(out.read_text(encoding="utf-8"))
 
 
 def table_rows(text: str) -> dict[tuple[int, str], list[str]]:
@@ -94,6 +91,6 @@ def test_quick_table_has_every_row(quick, scenario, row):
 
 def test_quick_caption_names_command_device_and_floor(quick):
     text, _ = quick
-    for words in ("Command: `python benchmarks/speed.py --quick", "Device: cpu", "thread(s)", "Floor:", "GFLOP/s",
+    for words in ("Command: `python -m benchmarks.speed --quick", "Device: cpu", "thread(s)", "Floor:", "GFLOP/s",
                   "Issue 5 targets (cpu)"):
         assert words in text, words

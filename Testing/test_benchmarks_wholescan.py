@@ -2,17 +2,12 @@
 the pairs, the columns from the public stages, the embedding, the table and the verdict, not accuracy)."""
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, write_la2018_val
-
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-import wholescan  # noqa: E402
-
-from IrisSegmentLib import Segmenter  # noqa: E402
+from conftest import write_la2018_val
+from IrisSegmentLib import Segmenter
+from benchmarks import wholescan
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +50,23 @@ def test_embed_keeps_world_positions():
     outside = np.ones(big.shape, bool)
     outside[4:6, 5:8, 3:7] = False
     assert (big[outside] >= np.percentile(img, 1)).all() and big[outside].max() < img.min() + 3 * img.std()
+
+
+def test_baseline_column_and_keep_rule(tmp_path, tiny_model_dir):
+    """A baseline model adds its own localise + segment column on the same pairs; the keep rule needs a better mean
+    and no dataset more than 2 points worse."""
+    root = tmp_path / "data"
+    write_la2018_val(root, ("A", "B"))
+    seg = Segmenter.load(str(tiny_model_dir), "cpu")
+    recs = wholescan.evaluate(seg, root, ["la2018"], 1, {}, embedded=False, baseline=seg)
+    assert set(recs[0]["dice"]) == {*wholescan.COLUMNS, wholescan.BASELINE}
+    assert recs[0]["dice"][wholescan.BASELINE] == recs[0]["dice"]["localise + segment"]  # same model, deterministic
+    assert wholescan.BASELINE in wholescan.table(recs)
+
+    def rec(ds, new, old):
+        return {"dataset": ds, "dice": {"localise + segment": {1: new}, wholescan.BASELINE: {1: old}}}
+
+    assert "keep the model" in wholescan.keep_verdict([rec("a", 0.80, 0.70), rec("b", 0.69, 0.70)])
+    assert "keep the baseline" in wholescan.keep_verdict([rec("a", 0.90, 0.70), rec("b", 0.67, 0.70)])  # b 3 points worse
+    assert "keep the baseline" in wholescan.keep_verdict([rec("a", 0.70, 0.70)])  # not better
+    assert "no keep verdict" in wholescan.keep_verdict(recs[:0] + [{"dataset": "a", "dice": {"localise + segment": {1: 0.5}}}])

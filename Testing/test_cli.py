@@ -200,7 +200,7 @@ def _check_demo(out_dir, summary_expected_model=None):
     w, h, depth, colour = _check_png(out_dir / "overlay.png")
     x, y = target[0].shape[:2]
     assert (w, h, depth, colour) == (2 * 4 * x, 4 * y, 8, 2)  # two zoomed (rotated) slices side by side
-    summary = json.loads((out_dir / "summary.json").read_text())
+    summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
     assert set(summary["dice"]) == {"anterior hippocampus", "posterior hippocampus", "whole hippocampus"}
     assert all(0.0 <= v <= 1.0 for v in summary["dice"].values())
     if summary_expected_model:
@@ -374,13 +374,13 @@ def test_ras_lps_and_permuted_files_segmented_at_the_right_place(thick_oblique, 
 def test_interrupted_run_writes_nothing(files, tiny_model_dir, tmp_path, monkeypatch, capsys):
     """Ctrl-C in the middle of the windows: exit 130, no output, an existing output (even with --overwrite) and
     the --save-task file untouched or absent, no temporary files."""
-    from IrisSegmentLib import cli
+    from IrisSegmentLib import commands
 
     def interrupt(self, fraction, message):
         if message.startswith("window"):
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli._Bar, "__call__", interrupt)
+    monkeypatch.setattr(commands._Bar, "__call__", interrupt)
     new, old, task = tmp_path / "new.nii.gz", tmp_path / "old.nii.gz", tmp_path / "task.safetensors"
     old.write_bytes(b"precious")
     assert main(_seg_args(files, tiny_model_dir, new, "--save-task", str(task))) == 130

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import warnings
 
 import numpy as np
@@ -18,6 +17,7 @@ from IrisSegmentLib.cli import main
 from IrisSegmentLib.inference.confidence import CALIBRATION_FILE, FEATURES, Calibration, features
 from IrisSegmentLib.io import file_sha256
 from IrisSegmentLib.weights import load_model, save_model
+from benchmarks.common.cases import cases, load_case
 
 SHARED = REPO_ROOT.parent / "shared" / "data"
 
@@ -54,7 +54,7 @@ def test_calibration_fit_predict_save_load(tmp_path):
     cal.save(tmp_path / "c.json")
     again = Calibration.load(tmp_path / "c.json")
     assert again.predict(rows) == est and again.weights_sha256 == "abc"
-    data = json.loads((tmp_path / "c.json").read_text())
+    data = json.loads((tmp_path / "c.json").read_text(encoding="utf-8"))
     data["features"] = ["mean_prob"]
     (tmp_path / "d.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="other features"):
@@ -134,7 +134,7 @@ def test_command_line_prints_and_writes_the_confidence(calibrated_dir, tmp_path,
     args = ["segment", "--target", str(tmp_path / "target.nii.gz"), "--output", str(out), "--model", str(calibrated_dir),
             "--device", "cpu", "--reference-image", str(tmp_path / "ref.nii.gz"), "--reference-label", str(tmp_path / "lab.nii.gz")]
     assert main(args) == 0
-    report = json.loads((tmp_path / "seg.confidence.json").read_text())
+    report = json.loads((tmp_path / "seg.confidence.json").read_text(encoding="utf-8"))
     (segment,) = report["segments"]
     assert report["estimated_dice"] is True and report["flag_below"] == 1.0
     assert segment["label"] == 1 and 0 <= segment["estimated_dice"] <= 1 and segment["flagged"] is True
@@ -147,34 +147,25 @@ def test_command_line_prints_and_writes_the_confidence(calibrated_dir, tmp_path,
 
 
 def _la(case: str):
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    import accuracy
-
-    items = {c.id: c for c in accuracy.cases(SHARED, "la2018")}
-    return accuracy.load_case(items[case])
+    items = {c.id: c for c in cases(SHARED, "la2018")}
+    return load_case(items[case])
 
 
 @pytest.mark.skipif(not (SHARED / "la2018" / "val").is_dir(), reason="needs ../shared/data")
 def test_bundled_model_estimates_a_wrong_reference_below_the_right_one():
-    """Real data, bundled model and its shipped calibration: the left atrium of another subject against
-    (a) a hippocampus (another structure, another scan) and (b) a block of the same reference's
-    non-atrial tissue, each given as the reference for the atrium."""
+    """Real data, bundled model and its shipped calibration, localised as the product runs: the left atrium of another
+    subject against a hippocampus (another structure, another scan) given as the reference for the atrium. (A block
+    of the reference's own non-atrial tissue is no longer a wrong reference here: registration carries the block
+    across and the network reproduces it, so its estimate, Dice against what the reference shows, is rightly high;
+    no estimate can know that the user meant the atrium.)"""
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the shipped calibration must belong to the shipped weights
         seg = Segmenter.load(None, "cpu")
     assert seg.calibration is not None
     query, ref = _la("ULHWPWKKLTE921LQLH1P"), _la("UPT6DX9IQY9JAZ7HJKA7")
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    import accuracy
-
-    hippo = accuracy.load_case(accuracy.cases(SHARED, "hippocampus")[0])
-    block = np.zeros_like(ref[2])
-    block[:30, :25, :20] = 1
-    block[ref[2] > 0] = 0
+    hippo = load_case(cases(SHARED, "hippocampus")[0])
     estimates = {}
-    for name, (img, aff, lab) in {"right": ref, "hippocampus": (hippo[0], hippo[1], (hippo[2] > 0).astype(np.uint8)),
-                                  "block": (ref[0], ref[1], block)}.items():
-        # unlocalised: the shipped calibration was fitted before localisation existed (its refit is owed)
-        res = seg.segment(query[0], query[1], seg.encode(img, aff, lab, labels=[1]), localise="none")
+    for name, (img, aff, lab) in {"right": ref, "hippocampus": (hippo[0], hippo[1], (hippo[2] > 0).astype(np.uint8))}.items():
+        res = seg.segment(query[0], query[1], seg.encode(img, aff, lab, labels=[1]))
         estimates[name] = res.confidence[1]
-    assert estimates["right"] > estimates["hippocampus"] and estimates["right"] > estimates["block"], estimates
+    assert estimates["right"] > 0.5 > estimates["hippocampus"], estimates

@@ -8,21 +8,18 @@ the OracleModel computes, and raise torch.cuda.OutOfMemoryError where a full GPU
 from __future__ import annotations
 
 import dataclasses
-import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT, OracleModel, dice, ellipsoid_mask, make_affine, make_tiny_model, rot_x, rot_z, voxel_world
+from conftest import OracleModel, dice, ellipsoid_mask, make_affine, make_tiny_model, rot_x, rot_z, voxel_world
 from IrisSegmentLib.errors import Cancelled
 from IrisSegmentLib.inference import labelmap as labelmap_module
 from IrisSegmentLib.inference.geometry import WorkingGrid
 from IrisSegmentLib.inference.segmenter import Segmenter
-
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-from memory import full_volume_label_map  # noqa: E402  (the previous full-volume path, the benchmark's baseline)
+from benchmarks.memory import full_volume_label_map  # the previous full-volume path, the benchmark's baseline
 
 LPS = np.diag([-1.0, -1.0, 1.0])
 

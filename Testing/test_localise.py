@@ -80,6 +80,49 @@ def test_registration_keeps_world_positions_on_oblique_anisotropic_grids(seg, ta
     assert any("registering" in m for m in messages)
 
 
+def test_registration_is_the_same_on_every_run(seg, task):
+    """Greedy's random image noise and sample jitter are off and its affine stages run on one thread: a pair
+    registers the same way every time (it did not: now and then into a wrong minimum)."""
+    img, _ = phantom((72, 80, 70), TARGET_AFFINE, shift=(6.0, -5.0, 4.0), scale=1.08)
+    target = seg.prepare(img, TARGET_AFFINE)
+    first, second = (seg.localise(target, task, "registration") for _ in range(2))
+    assert first.method == second.method == "registration"
+    assert np.abs(first.warped - second.warped).max() < 0.02 and first.inside == pytest.approx(second.inside, abs=1e-3)
+
+
+def test_inside_is_the_share_of_the_structures_in_the_targets_field_of_view(seg, task, reference):
+    """A target that shows half of the reference's structure: the registration says half of it landed inside."""
+    img, aff, mask = reference
+    nz = np.argwhere(mask)
+    cut = int(np.median(nz[:, 0]))
+    target = seg.prepare(img[:cut], aff)
+    fixed = (target.work[0].numpy(), target.grid.working_affine)
+    atlas = task.atlases[0]
+    _, warped, _, inside = localise_module.run_greedy(fixed, atlas, seg.config.localise, "ncc", 2, lambda f, m: None, None)
+    assert 0.35 < inside < 0.65
+    _, _, _, whole = localise_module.run_greedy((seg.prepare(img, aff).work[0].numpy(), seg.prepare(img, aff).grid.working_affine),
+                                                atlas, seg.config.localise, "ncc", 2, lambda f, m: None, None)
+    assert whole > 0.9
+
+
+def test_a_failed_affine_is_retried_as_a_similarity_transform(seg, task, monkeypatch):
+    real = localise_module.register
+    calls = []
+
+    def register(*args, dof=12, **kw):
+        calls.append(dof)
+        out = real(*args, dof=dof, **kw)
+        return out if dof == 7 else (*out[:3], "registration scaled volumes by 9 (as if)")
+
+    monkeypatch.setattr(localise_module, "register", register)
+    img, _ = phantom((72, 80, 70), TARGET_AFFINE, shift=(6.0, -5.0, 4.0))
+    messages = []
+    loc = seg.localise(seg.prepare(img, TARGET_AFFINE), task, "registration", progress=lambda f, m: messages.append((f, m)))
+    assert calls == [12, 7] and loc.method == "registration" and loc.warnings == []
+    assert any("again with a similarity transform" in m for _, m in messages)
+    assert [f for f, _ in messages] == sorted(f for f, _ in messages)  # progress never goes back
+
+
 def test_localised_segment_runs_windows_only_near_the_prior(seg, task):
     """The oracle 'network' fires on every bright blob; localised, nothing is found outside the prior's region,
     and with the prior's weight at 1 the result is the registration's."""
@@ -103,6 +146,58 @@ def test_localised_segment_runs_windows_only_near_the_prior(seg, task):
     assert dice(registered.label_map == 1, truth) > 0.6
 
 
+def test_a_scan_inside_a_large_empty_field_is_found_normalised_and_segmented_on_its_own(seg, task):
+    """The target's body box is found on the raw scan, before normalisation: MR percentiles of a mostly empty field
+    would otherwise clip the scan flat. The label map comes back on the whole field, the structure in place."""
+    img, truth = phantom((72, 80, 70), TARGET_AFFINE, shift=(6.0, -5.0, 4.0))
+    at, shape = (150, 30, 90), (300, 150, 260)
+    rng = np.random.default_rng(0)
+    field = np.abs(rng.normal(0.0, 5.0, shape)).astype(np.float32)
+    box = tuple(slice(a, a + n) for a, n in zip(at, img.shape))
+    field[box] = img
+    affine = TARGET_AFFINE.copy()
+    affine[:3, 3] -= TARGET_AFFINE[:3, :3] @ np.asarray(at, dtype=np.float64)
+    found = seg.body(field, affine)
+    nz = np.argwhere(truth) + np.asarray(at)
+    assert all(f.start <= lo and f.stop > hi for f, lo, hi in zip(found, nz.min(0), nz.max(0)))  # the structure is in
+    assert np.prod([f.stop - f.start for f in found]) < 0.1 * field.size
+    res = seg.segment(field, affine, task, confidence=False, postprocess=False, keep_prior=True)
+    assert res.localisation == "registration" and res.label_map.shape == res.prior.shape[1:] == shape
+    whole_truth = np.zeros(shape, bool)
+    whole_truth[box] = truth
+    assert dice(res.prior[0] >= 0.5, whole_truth) > 0.65  # registered in place
+    outside = np.ones(shape, bool)
+    outside[box] = False
+    assert not res.label_map[outside].any()
+    # why: normalised over the whole field (mostly noise) the scan's intensities depend on the field (clipped flat,
+    # or, as here, stretched by the noise's small spread); over its body box they are as if it were given alone
+    from IrisSegmentLib.inference.body import crop_affine
+
+    def structure_contrast(prepared):
+        inside = target_truth_on_working_grid(prepared, None, prepared.grid.working_affine, shift=(6.0, -5.0, 4.0))
+        w = prepared.work[0].numpy()
+        return float(w[inside].mean() - w[~inside].mean())
+
+    alone = structure_contrast(seg.prepare(img, TARGET_AFFINE))
+    assert abs(structure_contrast(seg.prepare(field[found], crop_affine(affine, found))) - alone) < 0.25 * alone
+    assert abs(structure_contrast(seg.prepare(field, affine)) - alone) > alone
+
+
+def test_unlocalised_segment_is_not_cropped(seg, task, monkeypatch):
+    """--localise none is the engine of before: the whole field of view, no body box."""
+    img, _ = phantom((40, 44, 36), TARGET_AFFINE)
+    before = seg.segment(img, TARGET_AFFINE, task, localise="none", confidence=False, postprocess=False)
+
+    def no_body(*a):
+        raise AssertionError("body box looked for without localisation")
+
+    monkeypatch.setattr(seg, "body", no_body)
+    again = seg.segment(img, TARGET_AFFINE, task, localise="none", confidence=False, postprocess=False)
+    assert np.array_equal(again.label_map, before.label_map)
+    with pytest.raises(AssertionError, match="body box"):
+        seg.segment(img, TARGET_AFFINE, task, localise="registration", confidence=False)
+
+
 def test_auto_without_reference_image_or_engine_falls_back(seg, task, monkeypatch):
     img, _ = phantom((40, 40, 40), TARGET_AFFINE)
     bare = TaskEmbedding(task.tokens, task.labels, model_id=task.model_id)  # like a memory-bank task
@@ -111,8 +206,7 @@ def test_auto_without_reference_image_or_engine_falls_back(seg, task, monkeypatc
     assert res.localisation == "none"
     with pytest.raises(IrisInputError, match="no reference image"):
         seg.segment(img, TARGET_AFFINE, bare, localise="registration")
-    monkeypatch.setattr(localise_module.importlib.util if hasattr(localise_module, "importlib") else __import__("importlib").util,
-                        "find_spec", lambda name, *a: None)
+    monkeypatch.setattr(localise_module.importlib.util, "find_spec", lambda name, *a: None)
     with pytest.warns(UserWarning, match="picsl-greedy"):
         assert seg.segment(img, TARGET_AFFINE, task, confidence=False).localisation == "none"
     with pytest.raises(IrisInputError, match="pip install picsl-greedy"):
@@ -276,3 +370,19 @@ def test_command_line_localises_and_saves_the_prior(reference, tiny_model_dir, t
     assert "exists" in capsys.readouterr().err
     assert main([*args[:-4], "--localise", "none"] + ["--overwrite"]) == 0
     assert "whole field of view" in capsys.readouterr().out
+
+
+def test_pyramid_drops_levels_that_small_images_cannot_have():
+    """Greedy's coarsest levels halve the grid: on a small image they would fall below ITK's four voxels (its
+    Gaussian then fails with an ITK error); they are dropped, and an image thinner than NCC's patch is said."""
+    from IrisSegmentLib.config import LocaliseConfig
+    from IrisSegmentLib.inference.localise import greedy_commands, pyramid
+
+    assert pyramid("100x50x20", 64) == "100x50x20"  # 16 voxels at the coarsest level
+    assert pyramid("100x50x20", 12) == "50x20"  # 3 at a quarter, 6 at a half
+    assert pyramid("100x50x0", 5) == "0"
+    cfg = LocaliseConfig()
+    assert "-n 50x0 " in dict(greedy_commands(cfg, "ncc", 1, shortest=12))["rigid"]
+    with pytest.raises(RuntimeError, match=f"only 8 voxel.*fewer than the {2 * cfg.ncc_radius + 1}"):
+        greedy_commands(cfg, "ncc", 1, shortest=8)
+    assert greedy_commands(cfg, "nmi", 1, shortest=8)  # NMI compares no patches

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import PRODUCT_CONFIG, make_tiny_model
 from IrisSegmentLib.config import BundleConfig, ModelConfig
-from IrisSegmentLib.model import IrisModel
+from IrisSegmentLib.model import build_iris
 from IrisSegmentLib.model.foreground_pooling import foreground_pool, interpolation_matrix
 from IrisSegmentLib.model.pixel_shuffle import pixel_shuffle_3d, pixel_unshuffle_3d
 
@@ -161,7 +161,7 @@ def test_product_config_fits_16_mib_in_fp16():
     cfg = BundleConfig.load(PRODUCT_CONFIG)
     assert cfg.model.name == "iris-small"
     with torch.device("meta"):
-        model = IrisModel(cfg.model)
+        model = build_iris(cfg.model)
     n = sum(p.numel() for p in model.parameters())
     assert n * 2 <= 16 * 2**20, f"{n} parameters = {n * 2 / 2**20:.2f} MiB in fp16"
     assert n > 1_000_000  # and it is the real network, not the tiny one

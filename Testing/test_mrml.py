@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -120,7 +121,7 @@ def internal_labelmap(seg_node, segment_id: str) -> tuple[np.ndarray, np.ndarray
     rep.GetImageToWorldMatrix(m)
     scalars = rep.GetPointData().GetScalars()
     data = numpy_support.vtk_to_numpy(scalars).copy() if scalars is not None else np.zeros(0)
-    return data, mrml._to_numpy(m), tuple(rep.GetExtent())
+    return data, mrml.matrix_array(m), tuple(rep.GetExtent())
 
 
 def centroid(mask: np.ndarray, ijk_to_world: np.ndarray) -> np.ndarray:
@@ -181,7 +182,7 @@ def case(core):
     labels = np.zeros(SEG_SHAPE, np.uint8)
     labels[masks["liver"]] = 1
     labels[masks["spleen"]] = 2
-    shared = mrml._oriented_image(labels, np.linalg.inv(SEG_TRANSFORM) @ SEG_WORLD)
+    shared = mrml.oriented_image(labels, np.linalg.inv(SEG_TRANSFORM) @ SEG_WORLD)
     for value, (name, *_rest) in enumerate(STRUCTURES, 1):
         segment = slicer.vtkSegment()
         segment.SetName(name)
@@ -261,7 +262,7 @@ def test_existing_segments_untouched_and_name_clash_renamed(case, band_oracle):
     blob[4:16, 4:16, 4:16] = 1  # overlaps where the new liver will be
     old_world = grid(np.eye(3), [1.5, 1.5, 1.5], [20, 20, 20], STRUCTURES[0][1] + SHIFT)
     assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-        mrml._oriented_image(blob, np.linalg.inv(TARGET_TRANSFORM) @ old_world), out, old, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+        mrml.oriented_image(blob, np.linalg.inv(TARGET_TRANSFORM) @ old_world), out, old, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
     before = internal_labelmap(out, old)
     ids = mrml.segment_volume(target, ref, seg_node, None, out, "cpu", engine=engine)
     segmentation = out.GetSegmentation()
@@ -302,35 +303,115 @@ def _scene_state(scene, out) -> tuple:
     return nodes, tuple(segments)
 
 
-def test_cancel_in_the_middle_leaves_the_scene_unchanged(case, band_oracle):
-    """Cancelled while the windows run, or after they ran but before writing: no segment added, none half-written,
-    existing segments and the scene's nodes as they were."""
-    scene, ref, seg_node, target = case
-    model, _ = band_oracle
+class SlowOracle(BandOracle):
+    """The oracle at 20 ms per encoded structure and per batch of windows, so that a caller waiting in 1 ms slices
+    sees each step's progress (the worker relays only the latest report of each slice)."""
+
+    def encode_task(self, ref_image, ref_masks):
+        time.sleep(0.02)
+        return super().encode_task(ref_image, ref_masks)
+
+    def segment(self, image, tokens):
+        time.sleep(0.02)
+        return super().segment(image, tokens)
+
+
+def small_windows() -> BundleConfig:
     cfg = BundleConfig.load(TINY_CONFIG)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, window=(16, 16, 16)))  # more windows to cancel between
-    engine = mrml.Engine(Segmenter(model, cfg, "cpu", model_id="oracle"))
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, window=(16, 16, 16)))  # many windows to cancel between
+
+
+@pytest.mark.parametrize("step", ["loading", "encoding", "tuning", "registration", "windows", "writing"])
+def test_cancel_at_every_step_leaves_the_scene_as_it_was(case, tiny_model_dir, step):
+    """Cancel, set on the calling thread (as the GUI's Cancel does) when a step's progress arrives, stops in that step
+    (no later step starts) and adds nothing: no segment, no node, existing segments as they were."""
+    from IrisSegmentLib.progress import step_of
+    from IrisSegmentLib.worker import CancelToken
+
+    scene, ref, seg_node, target = case
+    model = tiny_model_dir if step == "loading" else Segmenter(SlowOracle(), small_windows(), "cpu", model_id="oracle")
+    engine = mrml.Engine(model, wait=lambda: None, slice_s=0.001)
     out = mrml.create_output_segmentation(target, "results")
     old = out.GetSegmentation().AddEmptySegment("", "liver", [0.1, 0.9, 0.1])
     blob = np.zeros((20, 20, 20), np.uint8)
     blob[4:16, 4:16, 4:16] = 1
     assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-        mrml._oriented_image(blob, np.linalg.inv(TARGET_TRANSFORM) @ grid(np.eye(3), [1.5] * 3, [20] * 3, SHIFT)),
+        mrml.oriented_image(blob, np.linalg.inv(TARGET_TRANSFORM) @ grid(np.eye(3), [1.5] * 3, [20] * 3, SHIFT)),
         out, old, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
     before = _scene_state(scene, out)
-    for when in ("window ", "done"):
-        reports = []
-        with pytest.raises(Cancelled):
-            mrml.segment_volume(target, ref, seg_node, None, out, "cpu", engine=engine,
-                                progress=lambda f, m: reports.append(m), cancel=lambda: any(m.startswith(when) for m in reports))
-        done, total = map(int, [m for m in reports if m.startswith("window ")][-1].split()[1].split("/"))
-        if when == "done":  # all windows ran: cancelled between computing and writing
-            assert done == total and reports[-1] == "done"
-        else:  # cancelled while the windows ran
-            assert 0 < done < total and reports[-1] != "done"
-        assert _scene_state(scene, out) == before
-    # the same call without cancel adds the segments (so the test above could have seen them)
-    assert len(mrml.segment_volume(target, ref, seg_node, None, out, "cpu", engine=engine)) == 2
+    token, steps = CancelToken(), []
+
+    def progress(fraction, message):
+        steps.append(step_of(message))
+        if steps[-1] == step:
+            token.set()
+
+    with pytest.raises(Cancelled):
+        mrml.segment_volume(target, ref, seg_node, None, out, "cpu", engine=engine, progress=progress, cancel=token,
+                            tuning_steps=3 if step == "tuning" else 0, localise="registration" if step == "registration" else "none")
+    first = steps.index(step)
+    assert set(steps[first:]) <= {step, "other"}, steps[first:]
+    assert _scene_state(scene, out) == before
+    token.clear()  # the same call without cancel adds the segments (so the test above could have seen them)
+    assert len(mrml.segment_volume(target, ref, seg_node, None, out, "cpu", engine=engine, localise="none")) == 2
+
+
+def test_progress_is_truthful_over_a_whole_run(case):
+    """Every step reports (loading is instant for a model in memory): fractions never go back, each message names a
+    known step, in the order the run takes them, and the run ends at 1.0 with "done"."""
+    from IrisSegmentLib.progress import step_of
+
+    scene, ref, seg_node, target = case
+    engine = mrml.Engine(Segmenter(SlowOracle(), small_windows(), "cpu", model_id="oracle"), wait=lambda: None, slice_s=0.001)
+    reports = []
+    mrml.segment_volume(target, ref, seg_node, None, None, "cpu", engine=engine, tuning_steps=2, localise="registration",
+                        progress=lambda f, m: reports.append((f, m)))
+    fractions = [f for f, _ in reports]
+    assert fractions == sorted(fractions) and reports[-1] == (1.0, "done")
+    steps = [step_of(m) for _, m in reports]
+    assert "other" not in steps, [m for (_, m), s in zip(reports, steps) if s == "other"]
+    order = list(dict.fromkeys(steps))
+    assert order == ["encoding", "tuning", "preparing", "registration", "windows", "finishing", "writing"], order
+
+
+def test_vtk_and_mrml_only_on_the_main_thread_postprocessing_included(case):
+    """Read and write on the calling thread; on the worker (torch, registration, post-processing: largest piece and
+    holes, on arrays) not one VTK or MRML call. Every call on new threads is profiled; the worker's torch calls show
+    the profiler sees it. A stray blob of liver intensity far from the liver is removed: post-processing ran there."""
+    scene, ref, seg_node, target = case
+    array = phantom(TARGET_SHAPE, TARGET_WORLD, SHIFT)
+    blob = _stray_blob(TARGET_SHAPE, TARGET_WORLD)
+    array[blob] = STRUCTURES[0][3]
+    stray = add_volume(scene, "target with a stray blob", array, TARGET_WORLD)
+    main = threading.get_ident()
+    off_main, worker_calls = [], []
+
+    def profile(frame, event, arg):
+        if threading.get_ident() == main:
+            return
+        if event == "c_call":  # a C function or method: VTK/MRML objects are wrapped C++ objects of vtkmodules/slicer_core
+            owner = getattr(arg, "__self__", None)
+            where = f"{getattr(arg, '__module__', '') or ''} {type(owner).__module__ if owner is not None else ''}"
+        elif event == "call" and frame.f_code.co_name != "find_spec":  # vtkmodules' import hook sees every import: not VTK use
+            where = frame.f_globals.get("__name__", "")
+        else:
+            return
+        worker_calls.append(where)
+        if any(part.startswith(("vtk", "slicer", "MRML")) for part in where.split()):  # vtkmodules.*, slicer_core.*, slicer.util
+            off_main.append(where)
+
+    threading.setprofile(profile)
+    try:
+        engine = mrml.Engine(Segmenter(BandOracle(), BundleConfig.load(TINY_CONFIG), "cpu", model_id="oracle"),
+                             wait=lambda: None, slice_s=0.001)  # its worker thread starts now, profiled
+        pending = mrml.compute_segments(stray, ref, seg_node, None, "cpu", engine=engine, localise="registration", postprocess=True)
+    finally:
+        threading.setprofile(None)
+    assert off_main == [], sorted(set(off_main))
+    assert any("torch" in w for w in worker_calls) and any("postprocess" in w for w in worker_calls)
+    assert (pending.label_map[blob] == 0).all()
+    out = mrml.create_output_segmentation(stray)
+    assert len(mrml.write_segments(pending, out)) == 2
 
 
 def test_reference_segmentation_outside_the_reference_volume(case, band_oracle):
@@ -340,7 +421,7 @@ def test_reference_segmentation_outside_the_reference_volume(case, band_oracle):
     sid = far.GetSegmentation().AddEmptySegment("", "liver", [1, 0, 0])
     blob = np.ones((10, 10, 10), np.uint8)
     assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-        mrml._oriented_image(blob, grid(np.eye(3), [1.0] * 3, [10] * 3, [400.0, 0.0, 0.0])), far, sid,
+        mrml.oriented_image(blob, grid(np.eye(3), [1.0] * 3, [10] * 3, [400.0, 0.0, 0.0])), far, sid,
         slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
     empty = far.GetSegmentation().AddEmptySegment("", "kidney", [0, 0, 1])
     out = mrml.create_output_segmentation(target)
@@ -412,7 +493,7 @@ def test_add_hook_gets_binary_labelmaps_on_target_grid(case, band_oracle):
 def internal_labelmap_of(image) -> tuple[np.ndarray, np.ndarray]:
     m = vtk.vtkMatrix4x4()
     image.GetImageToWorldMatrix(m)
-    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).copy(), mrml._to_numpy(m)
+    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).copy(), mrml.matrix_array(m)
 
 
 def test_seg_nrrd_round_trip_keeps_masks(case, band_oracle, tmp_path):
@@ -423,7 +504,7 @@ def test_seg_nrrd_round_trip_keeps_masks(case, band_oracle, tmp_path):
     blob = np.zeros(TARGET_SHAPE, np.uint8)
     blob[10:20, 20:40, 15:25] = 1  # overlaps the new liver: the file keeps two layers
     assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-        mrml._oriented_image(blob, np.linalg.inv(TARGET_TRANSFORM) @ TARGET_WORLD), out, existing, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+        mrml.oriented_image(blob, np.linalg.inv(TARGET_TRANSFORM) @ TARGET_WORLD), out, existing, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
     ids = mrml.segment_volume(target, ref, seg_node, None, out, "cpu", engine=engine)
     masks = {out.GetSegmentation().GetSegment(s).GetName(): segment_world_mask(out, s, TARGET_SHAPE, TARGET_WORLD) for s in [existing, *ids]}
     storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
@@ -475,7 +556,7 @@ def test_context_ensemble(case, band_oracle):
     seg2.SetNodeReferenceID(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole(), ref2.GetID())
     sid = seg2.GetSegmentation().AddEmptySegment("", "Liver ", [1, 0, 0])  # matched by name, case and spaces aside
     labels = truth((50, 50, 34), world2)["liver"].astype(np.uint8)
-    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(mrml._oriented_image(labels, world2), seg2, sid, 0)
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(mrml.oriented_image(labels, world2), seg2, sid, 0)
     pending = mrml.compute_segments(target, ref, seg_node, None, "cpu", extra_references=[(None, seg2)], engine=engine)
     expected = truth(TARGET_SHAPE, TARGET_WORLD, SHIFT)
     assert dice(pending.label_map == 1, expected["liver"]) > 0.85
@@ -616,7 +697,7 @@ def test_worker_thread_waits_and_relays_progress_on_calling_thread(case, band_or
     pending = mrml.compute_segments(target, ref, seg_node, None, "cpu", engine=engine,
                                     progress=lambda f, m: reports.append((threading.get_ident(), f, m)))
     assert pending.label_map.shape == TARGET_SHAPE
-    assert reports and all(t == main for t, _, _ in reports) and reports[-1][1] == 1.0
+    assert reports and all(t == main for t, _, _ in reports) and reports[-1][1:] == (mrml.WRITE_AT, "done")
     assert waits
     with pytest.raises(Cancelled):  # the worker's exception reaches the caller
         mrml.compute_segments(target, ref, seg_node, None, "cpu", engine=engine, cancel=lambda: True)

@@ -2,10 +2,12 @@
 
 3D Slicer (Qt, PythonQt, slicer.app) is not available here. The static checks read the .ui XML, the
 module's Python source and the CMake lists. The wiring tests load IrisSegment.py against TEST DOUBLES
-of the `qt`, `vtk` and `slicer` modules (fake widgets built from the .ui file, a fake parameter node,
-a fake logic overriding the parts that would run the network): they check which buttons are enabled
-for which inputs and that Apply / Save task / Segment from task call the logic with what was selected.
-They do not prove that the real Qt widgets behave like the doubles.
+of the `qt`, `vtk` and `slicer` modules (fake widgets built from the .ui file, a fake parameter node, a fake
+progress dialog, a fake logic overriding the parts that would run the network or install packages): they check
+which buttons are enabled for which inputs, that Apply / Save task / Segment from task call the logic with what
+was selected, and that the progress dialog's Cancel reaches the logic. They do not prove that the real Qt widgets
+behave like the doubles. The Segment Editor effect and the logic run against the real MRML classes in
+test_slicer_first_run.py.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODULE_DIR = ROOT / "IrisSegment"
 MODULE_PY = MODULE_DIR / "IrisSegment.py"
 EFFECT_PY = MODULE_DIR / "SegmentEditorIrisLib" / "SegmentEditorIrisEffect.py"
+SUPPORT_DIR = MODULE_DIR / "IrisSegmentSupport"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "IrisSegment.ui"
 MRML_WIDGETS = {"qMRMLNodeComboBox", "qMRMLCheckableNodeComboBox"}
 
@@ -35,7 +38,7 @@ def ui_widgets() -> dict[str, str]:
 
 # -- static checks ---------------------------------------------------------------------------------
 def test_every_ui_name_used_in_python_exists_in_ui_file():
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_PY.read_text()))
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_PY.read_text(encoding="utf-8")))
     assert used, "the module no longer uses self.ui?"
     assert sorted(used - set(ui_widgets())) == []
 
@@ -57,7 +60,7 @@ def _cmake_list(text: str, variable: str) -> list[str]:
 
 
 def test_module_cmake_lists_every_script_and_resource():
-    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    text = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     listed = set(_cmake_list(text, "MODULE_PYTHON_SCRIPTS")) | set(_cmake_list(text, "MODULE_PYTHON_RESOURCES"))
     present = {str(p.relative_to(MODULE_DIR)) for p in MODULE_DIR.rglob("*")
                if p.is_file() and p.name != "CMakeLists.txt" and "__pycache__" not in p.parts}
@@ -65,30 +68,71 @@ def test_module_cmake_lists_every_script_and_resource():
     assert "slicerMacroBuildScriptedModule" in text
 
 
+def _cmake_value(text: str, key: str) -> str:
+    return re.search(rf'set\({key} "([^"]*)"\)', text).group(1)
+
+
 def test_extension_cmake_metadata_and_library_packaging():
-    text = (ROOT / "CMakeLists.txt").read_text()
-    assert re.search(r'set\(EXTENSION_CATEGORY "Segmentation"\)', text)
-    assert re.search(r'set\(EXTENSION_DEPENDS "PyTorch"\)', text)
-    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL", "EXTENSION_CONTRIBUTORS"):
-        assert re.search(rf'set\({key} "[^"]+"\)', text), key
+    """Every field of the extension description is filled; the addresses share the module's HOMEPAGE, which is
+    marked as a placeholder until the project has a public home; icon and screenshots are files of this checkout."""
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert _cmake_value(text, "EXTENSION_CATEGORY") == "Segmentation" and _cmake_value(text, "EXTENSION_DEPENDS") == "PyTorch"
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL", "EXTENSION_CONTRIBUTORS", "EXTENSION_SCREENSHOTURLS"):
+        assert _cmake_value(text, key), key
+    homepage = _module_constants()["HOMEPAGE"]
+    assert _cmake_value(text, "EXTENSION_HOMEPAGE") == homepage and "PLACEHOLDER" in homepage
+    assert "PLACEHOLDER" in text and "PLACEHOLDER" in MODULE_PY.read_text(encoding="utf-8").split("HOMEPAGE =")[0]  # said where it is set
+    raw = "https://raw.githubusercontent.com/" + homepage.removeprefix("https://github.com/") + "/main/"
+    for url in [_cmake_value(text, "EXTENSION_ICONURL"), *_cmake_value(text, "EXTENSION_SCREENSHOTURLS").split()]:
+        assert url.startswith(raw) and (ROOT / url.removeprefix(raw)).is_file(), url
     assert "add_subdirectory(IrisSegment)" in text
     assert "IrisSegmentLib/*.py" in text and "Resources/Models/*" in text and "Resources/SampleData/*" in text
     assert "Slicer_EXTENSION_GENERATE_CONFIG" in text and "Slicer_EXTENSION_CPACK" in text
 
 
 def test_no_torch_or_library_import_at_module_import():
-    """Dependencies are installed on request only: importing the module must not need them."""
-    for path in (MODULE_PY, EFFECT_PY):
-        top_level = [line for line in path.read_text().splitlines() if re.match(r"(import|from) ", line)]
+    """Dependencies are installed on request only: importing the module, the effect or their support package must
+    not need them (IrisSegmentLib imports torch as soon as it is imported)."""
+    for path in (MODULE_PY, EFFECT_PY, *SUPPORT_DIR.glob("*.py")):
+        top_level = [line for line in path.read_text(encoding="utf-8").splitlines() if re.match(r"(import|from) ", line)]
         assert not [line for line in top_level if "torch" in line or "IrisSegmentLib" in line], path.name
 
 
+def test_checkout_library_path_is_appended_never_first():
+    source = MODULE_PY.read_text(encoding="utf-8")
+    assert "sys.path.append(str(_HERE.parent))" in source and "sys.path.insert" not in source
+
+
+def test_minimum_slicer_version_stated_and_its_python_in_ci():
+    """The minimum Slicer is stated in the module, its help and the README; CI compiles the module and the library
+    with the Python of that Slicer (5.10 and later: 3.12)."""
+    minimum = _module_constants()["MINIMUM_SLICER"]
+    assert minimum == "5.10"
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"3D Slicer {minimum} or later" in readme and "MINIMUM_SLICER" in MODULE_PY.read_text(encoding="utf-8").split("helpText")[1]
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "python -m pytest Testing -q" in ci and re.search(r"compileall .*IrisSegment .*IrisSegmentLib", ci) and "3.12" in ci
+
+
+def test_help_links_the_readme():
+    assert 'README_URL = HOMEPAGE + "#3d-slicer-extension"' in MODULE_PY.read_text(encoding="utf-8")
+    assert '<a href="{README_URL}">README</a>' in MODULE_PY.read_text(encoding="utf-8")
+    assert "\n## 3D Slicer extension\n" in (ROOT / "README.md").read_text(encoding="utf-8")  # the anchor the link points to
+
+
+def test_license_is_permissive_and_names_the_data_licences():
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in text and "Version 2.0" in text
+    assert "CC BY-SA 4.0" in text and "Resources/SampleData" in text  # the bundled sample keeps its own licence
+    assert 'license = { text = "Apache-2.0" }' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+
+
 def test_effect_follows_the_scripted_effect_conventions():
-    source = EFFECT_PY.read_text()
+    source = EFFECT_PY.read_text(encoding="utf-8")
     assert "class SegmentEditorIrisEffect(AbstractScriptedSegmentEditorEffect)" in source
     assert source.count("saveStateForUndo()") == 1
     assert 'scriptedEffect.name = "IRIS"' in source
-    assert "SegmentEditorIrisLib" in MODULE_PY.read_text() and 'connect("startupCompleted()", registerEditorEffect)' in MODULE_PY.read_text()
+    assert "SegmentEditorIrisLib" in MODULE_PY.read_text(encoding="utf-8") and 'connect("startupCompleted()", registerEditorEffect)' in MODULE_PY.read_text(encoding="utf-8")
 
 
 def _ui_label_of(widget_name: str) -> str:
@@ -102,16 +146,23 @@ def _ui_label_of(widget_name: str) -> str:
     raise AssertionError(f"{widget_name} is in no form layout")
 
 
-def _module_constants() -> dict:
-    """Module-level constants of IrisSegment.py, read without importing it (it needs Slicer)."""
+def _module_constants(path: Path = MODULE_PY) -> dict:
+    """Module-level constants of IrisSegment.py (or `path`), read without importing it (it needs Slicer)."""
     import ast
 
     out = {}
-    for node in ast.parse(MODULE_PY.read_text()).body:
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             with contextlib.suppress(ValueError):
                 out[node.targets[0].id] = ast.literal_eval(node.value)
     return out
+
+
+LOGIC_PY = SUPPORT_DIR / "logic.py"
+
+
+def _logic_constants() -> dict:
+    return _module_constants(LOGIC_PY)
 
 
 def test_localisation_choice_in_panel_and_effect():
@@ -121,37 +172,40 @@ def test_localisation_choice_in_panel_and_effect():
     from IrisSegmentLib.config import LOCALISE_MODES
 
     assert ui_widgets()["localiseComboBox"] == "QComboBox" and _ui_label_of("localiseComboBox") == "Localisation:"
-    constants = _module_constants()
+    constants = _logic_constants()
     assert [v for v, _ in constants["LOCALISE_CHOICES"]] == list(LOCALISE_MODES) and LOCALISE_MODES[0] == "auto"
     tooltip = constants["LOCALISE_TOOLTIP"]
     assert "auto: register the reference onto the target and segment only where its structures can be" in tooltip
     assert "none: segment the whole field of view" in tooltip
-    module, effect = MODULE_PY.read_text(), EFFECT_PY.read_text()
+    module, effect = LOGIC_PY.read_text(encoding="utf-8"), EFFECT_PY.read_text(encoding="utf-8")
     assert '("Localise", "auto")' in module and '"localise": parameterNode.GetParameter("Localise")' in module
     assert re.search(r'def segment\(self, .*?localise="auto"', module, re.S) and "localise=localise" in module
     assert 'addLabeledOptionsWidget("Localisation:", self.localiseComboBox)' in effect
-    assert 'setParameter("IrisLocalise"' in effect and 'setParameterDefault("IrisLocalise"' in effect
+    assert "setParameter(LOCALISE," in effect and "setParameterDefault(LOCALISE," in effect
     assert "localise=self._localise()" in effect
 
 
 def test_postprocessing_is_the_engines():
     """The panel's clean-up option maps to the engine's post-processing (no VTK connectivity filter of its own)."""
     assert ui_widgets()["postprocessCheckBox"] == "QCheckBox" and "keepLargestCheckBox" not in ui_widgets()
-    lib = (ROOT / "IrisSegmentLib" / "mrml.py").read_text()
+    lib = "".join(p.read_text(encoding="utf-8") for p in sorted((ROOT / "IrisSegmentLib" / "mrml").glob("*.py")))
     assert "vtkImageConnectivityFilter" not in lib and "postprocess=postprocess" in lib
-    assert '"postprocess": parameterNode.GetParameter("PostProcess")' in MODULE_PY.read_text()
-    assert 'postprocess=options["postprocess"]' in EFFECT_PY.read_text()
+    assert '"postprocess": parameterNode.GetParameter("PostProcess")' in LOGIC_PY.read_text(encoding="utf-8")
+    assert 'postprocess=options["postprocess"]' in EFFECT_PY.read_text(encoding="utf-8")
 
 
-def test_requirements_name_their_import():
-    """Every requirement of the library maps to the module it installs (checked against this environment, which
-    has them all): PyYAML is `yaml`."""
-    constants = _module_constants()
-    names = [re.match(r"[A-Za-z0-9_.-]+", line).group(0) for line in (MODULE_DIR / "Resources" / "requirements.txt").read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
-    assert {"nibabel", "picsl_greedy"} <= set(names)
-    missing = [n for n in names if importlib.util.find_spec(constants["IMPORT_NAMES"].get(n, n)) is None]
-    assert missing == []
+def test_requirements_name_their_import_and_torch_matches_the_library():
+    """Every requirement maps to the module it installs (checked against this environment, which has them all:
+    PyYAML is `yaml`), and the torch the extension asks for is the library's own minimum."""
+    import tomllib
+
+    from IrisSegmentSupport import dependencies
+    requirements = dependencies.load(MODULE_DIR / "Resources" / "requirements.txt")
+    assert {"torch", "nibabel", "picsl_greedy", "PyYAML", "safetensors"} <= {r.name for r in requirements}
+    assert [r.name for r in requirements if importlib.util.find_spec(r.module) is None] == []
+    library = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    torch = next(r for r in requirements if r.name == "torch")
+    assert f"torch>={torch.minimum}" in library
 
 
 # -- test doubles ----------------------------------------------------------------------------------
@@ -205,6 +259,9 @@ class FakeWidget:
 
     def connect(self, signal, slot):
         self._slots.setdefault(signal, []).append(slot)
+
+    def disconnect(self, signal, slot):
+        self._slots[signal].remove(slot)
 
     def emit(self, signal, *args):
         if not self._blocked:
@@ -473,6 +530,41 @@ class FakeScene:
         return next((n for n in self.nodes.values() if n.id.startswith("vol")), None)
 
 
+class FakeProgressDialog(FakeWidget):
+    """QProgressDialog double: labels and values shown, `cancel()` is the user's click on its Cancel button (Qt then
+    emits canceled()); setting `value` processes events, as a modal QProgressDialog's setValue does."""
+
+    def __init__(self, app=None):
+        self.app, self.labels, self.closed, self.wasCanceled, self._value = None, [], False, False, 0
+        super().__init__("progressDialog", "QProgressDialog")
+        self.app = app
+
+    @property
+    def labelText(self):
+        return self.labels[-1] if self.labels else ""
+
+    @labelText.setter
+    def labelText(self, text):
+        self.labels.append(text)
+
+    @property
+    def value(self):
+        return self._value
+
+    @value.setter
+    def value(self, v):
+        self._value = v
+        if self.app is not None:
+            self.app.processEvents()
+
+    def cancel(self):
+        self.wasCanceled = True
+        self.emit("canceled()")
+
+    def close(self):
+        self.closed = True
+
+
 def make_fake_modules(scene, errors):
     """`qt`, `vtk`, `slicer`, `slicer.util`, `slicer.ScriptedLoadableModule` doubles."""
     qt = types.ModuleType("qt")
@@ -513,6 +605,19 @@ def make_fake_modules(scene, errors):
     util.loadUI = lambda path: (Path(path) == UI_FILE or pytest.fail(f"unexpected ui file {path}")) and ui_root
     util.childWidgetVariables = lambda widget: types.SimpleNamespace(
         **{name: WIDGET_CLASSES.get(cls, FakeWidget)(name, cls) for name, cls in ui_widgets().items()})
+    util.dialogs = []
+
+    def createProgressDialog(**kwargs):
+        dialog = FakeProgressDialog()
+        for key, value in kwargs.items():
+            setattr(dialog, key, value)
+        util.dialogs.append(dialog)
+        return dialog
+
+    util.createProgressDialog = createProgressDialog
+    util.showStatusMessage = lambda *a: None
+    util.errorDisplay = lambda text, **kwargs: errors.append((text, kwargs.get("detailedText", "")))
+    util.WaitCursor = contextlib.nullcontext
 
     slm = types.ModuleType("slicer.ScriptedLoadableModule")
 
@@ -554,22 +659,38 @@ class Cancelled(RuntimeError):
     pass
 
 
+class IrisInputError(ValueError):
+    pass
+
+
+def fresh_support_modules(monkeypatch) -> None:
+    """IrisSegmentSupport (beside the module, on pytest's pythonpath as on Slicer's sys.path) imported anew against
+    this test's doubles."""
+    for name in [m for m in sys.modules if m == "IrisSegmentSupport" or m.startswith("IrisSegmentSupport.")]:
+        monkeypatch.delitem(sys.modules, name)
+
+
+TORCH_MISSING = "torch"
+
+
 @pytest.fixture()
 def panel(monkeypatch):
     """The module's widget, set up against the doubles, with a fake logic that records its calls."""
     scene, errors = FakeScene(), []
-    for name, module in make_fake_modules(scene, errors).items():
+    modules = make_fake_modules(scene, errors)
+    for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr(sys, "path", list(sys.path))
+    fresh_support_modules(monkeypatch)
     errors_module = types.ModuleType("IrisSegmentLib.errors")
-    errors_module.Cancelled = Cancelled
+    errors_module.Cancelled, errors_module.IrisInputError = Cancelled, IrisInputError
     monkeypatch.setitem(sys.modules, "IrisSegmentLib.errors", errors_module)
     spec = importlib.util.spec_from_file_location("IrisSegment_under_test", MODULE_PY)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    from IrisSegmentSupport import dependencies
 
     class FakeLogic(module.IrisSegmentLogic):
-        missing: list[str] = []
+        missing: list[str] = []  # names of the requirements reported as not installed
         tasks: dict = {}
 
         def __init__(self):
@@ -577,9 +698,10 @@ def panel(monkeypatch):
             self.calls = []
             self.lastOutputSegmentation = FakeNode(scene, "seg_out", "target IRIS")
             self.during = None  # called inside segment(), while "running"
+            self.cancelled = False
 
-        def missingDependencies(self):
-            return list(self.missing)
+        def dependencyProblems(self, probe=False):
+            return [dependencies.Problem(r) for r in self.requirements() if r.name in self.missing]
 
         def deviceChoices(self):
             return [("auto", "auto (GPU: Fake GPU)"), ("cuda", "GPU: Fake GPU"), ("cpu", "CPU")]
@@ -587,11 +709,18 @@ def panel(monkeypatch):
         def savedTasks(self):
             return dict(self.tasks)
 
+        @classmethod
+        def defaultTarget(cls, scene, reference=None):  # stand-in: the real one is tested on a real scene
+            return next((n for n in scene.nodes.values() if n.id.startswith("vol") and n is not reference), None)
+
         def segment(self, *args, progress=None, **kwargs):
             self.calls.append(("segment", args, kwargs))
+            self.cancelled = False
             progress(0.5, "window 1/2")
             if self.during:
                 self.during()
+            if self.cancelled:
+                raise Cancelled("segmentation cancelled")
             return ["s1", "s2"]
 
         def saveTask(self, name, *args, progress=None, **kwargs):
@@ -601,6 +730,11 @@ def panel(monkeypatch):
 
         def requestCancel(self):
             self.calls.append(("requestCancel", (), {}))
+            self.cancelled = True
+
+        @property
+        def cancelRequested(self):
+            return self.cancelled
 
         def statusText(self, ids):
             return f"Added {len(ids)} segments"
@@ -621,32 +755,78 @@ def panel(monkeypatch):
         return widget
 
     return types.SimpleNamespace(make=make, scene=scene, errors=errors, seg=seg, extra=extra, ref=volume_ref, target=volume_target,
-                                 module=module)
+                                 module=module, dialogs=modules["slicer.util"].dialogs)
 
 
 # -- wiring ----------------------------------------------------------------------------------------
 def test_missing_dependencies_offer_install_and_block_apply(panel):
     w = panel.make(missing=["torch"])
-    assert w.ui.installButton.visible and "torch" in w.ui.dependenciesLabel.text
+    assert w.ui.installButton.visible and w.ui.dependenciesLabel.visible
+    assert "torch is not installed" in w.ui.dependenciesLabel.text and "Click Install dependencies" in w.ui.dependenciesLabel.text
     assert [w.ui.deviceComboBox.itemData(i) for i in range(2)] == ["auto", None]  # devices need torch: not probed
     w.ui.referenceSegmentationSelector.choose(panel.seg)
+    w.ui.targetVolumeSelector.choose(panel.target)
     assert not w.ui.applyButton.enabled and "Install" in w.ui.applyButton.toolTip
 
 
-def test_install_on_request_then_devices_listed_and_choice_kept(panel):
+def test_panel_opens_with_a_broken_torch_and_says_so(panel, monkeypatch):
+    """torch installed but failing to load (the panel imports it to see): the panel still opens, names the error and
+    offers the install; nothing that needs torch (devices, saved tasks) is asked for."""
+    from IrisSegmentSupport import dependencies
+
+    broken = dependencies.Problem(dependencies.Requirement("torch", "2.2"), "2.3.0", "OSError: [WinError 126] c10.dll not found")
+    probes = []
+    monkeypatch.setattr(panel.module.IrisSegmentLogic, "dependencyProblems", lambda self, probe=False: probes.append(probe) or [broken])
+    monkeypatch.setattr(panel.module.IrisSegmentLogic, "deviceChoices", lambda self: pytest.fail("devices need torch"))
+    monkeypatch.setattr(panel.module.IrisSegmentLogic, "savedTasks", lambda self: pytest.fail("saved tasks need torch"))
+    w = panel.make()
+    assert probes == [True] and w.ui.installButton.visible
+    assert "torch 2.3.0 is installed but does not load (OSError: [WinError 126] c10.dll not found)" in w.ui.dependenciesLabel.text
+    assert [w.ui.deviceComboBox.itemData(i) for i in range(2)] == ["auto", None]
+
+
+def test_first_use_without_torch_install_offer_then_a_result(panel, caplog):
+    """No torch: the panel opens with the install offer; Install (here the fake logic's, which reports success the
+    way the real one does) lists the devices, and Apply gives a result; no error shown, nothing logged as an error."""
     w = panel.make(missing=["torch"])
     w._parameterNode.SetParameter("Device", "cpu")
-    installed = []
-    w.logic.installDependencies = lambda: (installed.append(True), setattr(type(w.logic), "missing", []))
+    offered = []
+
+    def install(problems):
+        offered.append([p.text() for p in problems])
+        type(w.logic).missing = []
+        return "Dependencies installed: IrisSegment is ready."
+
+    w.logic.installDependencies = install
     w.ui.installButton.click()
-    assert installed and not w.ui.installButton.visible
+    assert offered == [["torch is not installed"]] and not w.ui.installButton.visible
+    assert w.ui.statusLabel.text == "Dependencies installed: IrisSegment is ready."
     assert w.ui.deviceComboBox.currentText == "CPU" and w._parameterNode.GetParameter("Device") == "cpu"
+    w.ui.referenceSegmentationSelector.choose(panel.seg)
+    w.ui.targetVolumeSelector.choose(panel.target)
+    w.ui.applyButton.click()
+    assert w.ui.statusLabel.text == "Added 2 segments" and panel.errors == []
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+def test_failed_install_is_said_without_traceback(panel):
+    from IrisSegmentSupport.logic import DependencyError
+
+    w = panel.make(missing=["torch"])
+
+    def install(problems):
+        raise DependencyError("IrisSegment needs the PyTorch extension: install it in the Extensions Manager")
+
+    w.logic.installDependencies = install
+    w.ui.installButton.click()
+    assert panel.errors == [("IrisSegment needs the PyTorch extension: install it in the Extensions Manager", "")]
+    assert w.ui.installButton.visible and w.ui.statusLabel.text.startswith("IrisSegment needs the PyTorch extension")
 
 
 def test_apply_enabled_only_with_valid_inputs(panel):
     w = panel.make()
     assert not w.ui.installButton.visible
-    assert w._parameterNode.GetNodeReference("TargetVolume") is panel.ref  # the first volume, preselected
+    assert w._parameterNode.GetNodeReference("TargetVolume") is panel.ref  # the logic's default target (no reference yet)
     w.ui.targetVolumeSelector.choose(None)
     assert not w.ui.applyButton.enabled and w.ui.applyButton.toolTip == "Select the reference volume."
     w.ui.referenceSegmentationSelector.choose(panel.seg)  # brings its source volume and checks all segments
@@ -655,7 +835,7 @@ def test_apply_enabled_only_with_valid_inputs(panel):
     assert all(w.ui.referenceSegmentsList.item(i).checkState() == Qt.Checked for i in range(2))
     assert not w.ui.applyButton.enabled and w.ui.applyButton.toolTip == "Select the target volume."
     w.ui.targetVolumeSelector.choose(panel.target)
-    assert w.ui.applyButton.enabled and not w.ui.cancelButton.enabled
+    assert w.ui.applyButton.enabled
     for i in range(2):
         w.ui.referenceSegmentsList.item(i).setCheckState(Qt.Unchecked)
     assert not w.ui.applyButton.enabled and w.ui.applyButton.toolTip == "Check at least one reference segment."
@@ -665,7 +845,17 @@ def test_apply_enabled_only_with_valid_inputs(panel):
     assert [w.ui.referenceSegmentsList.item(i).checkState() for i in range(3)] == [Qt.Unchecked, Qt.Checked, Qt.Unchecked]
 
 
-def test_apply_calls_logic_with_the_selection(panel):
+def test_target_never_stays_the_reference(panel):
+    """The first volume was preselected as target; picking the reference drawn on it moves the target to another."""
+    w = panel.make()
+    assert w._parameterNode.GetNodeReference("TargetVolume") is panel.ref
+    w.ui.referenceSegmentationSelector.choose(panel.seg)  # its source volume is panel.ref
+    assert w._parameterNode.GetNodeReference("ReferenceVolume") is panel.ref
+    assert w._parameterNode.GetNodeReference("TargetVolume") is panel.target
+    assert w.ui.targetVolumeSelector.currentNode() is panel.target and w.ui.applyButton.enabled
+
+
+def test_apply_calls_logic_with_the_selection_and_the_dialog_cancels(panel):
     w = panel.make()
     w.ui.referenceSegmentationSelector.choose(panel.seg)
     w.ui.targetVolumeSelector.choose(panel.target)
@@ -683,10 +873,12 @@ def test_apply_calls_logic_with_the_selection(panel):
     assert w._parameterNode.GetParameter("Localise") == "none"
     seen = {}
 
-    def during():  # while running: only Cancel is enabled, progress is shown
-        seen.update(apply=w.ui.applyButton.enabled, cancel=w.ui.cancelButton.enabled, bar=w.ui.progressBar.value,
-                    status=w.ui.statusLabel.text, save=w.ui.saveTaskButton.enabled)
-        w.ui.cancelButton.click()
+    def during():  # while running: the modal dialog shows the step; its Cancel reaches the logic and says when
+        dialog = panel.dialogs[-1]
+        seen.update(apply=w.ui.applyButton.enabled, save=w.ui.saveTaskButton.enabled, value=dialog.value,
+                    label=dialog.labelText, title=dialog.windowTitle)
+        dialog.cancel()
+        seen["status"] = w.ui.statusLabel.text
 
     w.logic.during = during
     w.ui.applyButton.click()
@@ -694,33 +886,39 @@ def test_apply_calls_logic_with_the_selection(panel):
     assert name == "segment" and args == (panel.target, panel.ref, panel.seg, ["S2"], None)
     assert kwargs == {"extraReferences": [(None, panel.extra)], "device": "cpu", "localise": "none", "overlap": 0.25,
                       "tuningSteps": 5, "postprocess": False, "show3D": False}
-    assert seen == {"apply": False, "cancel": True, "bar": 50, "status": "window 1/2", "save": False}
+    assert seen == {"apply": False, "save": False, "value": 50, "label": "window 1/2", "title": "IRIS Segment",
+                    "status": "Cancelling before the next batch of windows; nothing will be added or written."}
     assert w.logic.calls[1][0] == "requestCancel"
-    assert w.ui.applyButton.enabled and not w.ui.cancelButton.enabled and not w.ui.progressBar.visible
+    assert w.ui.statusLabel.text == "Cancelled: nothing was added." and panel.dialogs[-1].closed and not panel.errors
+    assert w.ui.applyButton.enabled and w._parameterNode.GetNodeReference("OutputSegmentation") is None
+    w.logic.during = None
+    w.ui.applyButton.click()
     assert w._parameterNode.GetNodeReference("OutputSegmentation") is w.logic.lastOutputSegmentation
     assert w.ui.outputSegmentationSelector.currentNode() is w.logic.lastOutputSegmentation
     assert w.ui.statusLabel.text == "Added 2 segments"
 
 
-def test_cancel_and_errors_are_reported_and_buttons_restored(panel):
+def test_errors_are_reported_without_traceback_unless_a_bug(panel):
     w = panel.make()
     w.ui.referenceSegmentationSelector.choose(panel.seg)
     w.ui.targetVolumeSelector.choose(panel.target)
 
-    def cancelled():
-        raise Cancelled("segmentation cancelled")
+    def bad_input():
+        raise IrisInputError("segment 'liver' is empty on 'reference': draw it on this volume first")
 
-    w.logic.during = cancelled
+    w.logic.during = bad_input
     w.ui.applyButton.click()
-    assert w.ui.statusLabel.text == "Cancelled: nothing was added." and not panel.errors
+    assert panel.errors == [("IRIS Segment failed: segment 'liver' is empty on 'reference': draw it on this volume first", "")]
+    assert w.ui.applyButton.enabled and panel.dialogs[-1].closed
 
-    def fails():
-        raise ValueError("segment 'liver' is empty on 'reference'")
+    def bug():
+        raise KeyError("oops")
 
-    w.logic.during = fails
+    w.logic.during = bug
     w.ui.applyButton.click()
-    assert panel.errors == ["IrisSegment failed. segment 'liver' is empty on 'reference'"]
-    assert w.ui.applyButton.enabled and not w.ui.cancelButton.enabled and not w.ui.progressBar.visible
+    text, details = panel.errors[-1]
+    assert text == "IRIS Segment failed: 'oops'" and "Traceback" in details and "KeyError" in details
+    assert w.ui.applyButton.enabled and panel.dialogs[-1].closed
 
 
 def test_save_task_and_segment_from_saved_task(panel):
@@ -779,254 +977,3 @@ def test_parameter_node_calls_exist_on_the_real_mrml_node(panel, monkeypatch):
     monkeypatch.undo()  # the real modules again
     real = pytest.importorskip("slicer", reason="needs the slicer-core wheel to check the names against the real class")
     assert [name for name in called if not hasattr(real.vtkMRMLScriptedModuleNode, name)] == []
-
-
-# -- the Segment Editor effect: Apply is undoable ---------------------------------------------------
-class FakeScriptedEffect:
-    """TEST DOUBLE of the C++ qSlicerSegmentEditorScriptedEffect the editor hands to the effect: it records
-    saveStateForUndo and modifySegmentByLabelmap in a shared log (the real one stores the segmentation's
-    state for Undo and writes the labelmap through the editor's masking). A parameter that changes value
-    modifies the parameter set node (FakeSegmentEditorNode), as the real one does."""
-
-    def __init__(self, log, parameter_set_node):
-        self.log, self._node, self.parameters, self.name = log, parameter_set_node, {}, ""
-
-    def saveStateForUndo(self):
-        self.log.append("undo state saved")
-
-    def modifySegmentByLabelmap(self, segmentation_node, sid, labelmap, mode):
-        self.log.append(f"segment {sid} modified")
-
-    def parameterSetNode(self):
-        return self._node
-
-    def parameter(self, name):
-        return self.parameters.get(name, "")
-
-    def setParameter(self, name, value):
-        changed = self.parameters.get(name) != value
-        self.parameters[name] = value
-        if changed:
-            self._node.modified()
-
-    def setParameterDefault(self, name, value):
-        self.parameters.setdefault(name, value)
-
-    def addOptionsWidget(self, widget):
-        pass
-
-    def addLabeledOptionsWidget(self, label, widget):
-        pass
-
-
-class FakeSegmentEditorNode:
-    """TEST DOUBLE of vtkMRMLSegmentEditorNode: its source volume and segmentation, and its Modified event, which
-    the editor answers synchronously by calling the active effect's updateGUIFromMRML (once at the end of a
-    StartModify/EndModify batch, as slicer.util.NodeModify makes)."""
-
-    def __init__(self, source, segmentation):
-        self.source, self.segmentation, self.on_modified, self._batch, self._dirty = source, segmentation, None, 0, False
-
-    def GetSourceVolumeNode(self):
-        return self.source
-
-    def GetSegmentationNode(self):
-        return self.segmentation
-
-    def StartModify(self):
-        self._batch += 1
-        return self._batch - 1
-
-    def EndModify(self, was):
-        self._batch = was
-        if not self._batch and self._dirty:
-            self._dirty = False
-            self.modified()
-
-    def modified(self):
-        if self._batch:
-            self._dirty = True
-        elif self.on_modified is not None:
-            self.on_modified()
-
-
-@contextlib.contextmanager
-def node_modify(node):
-    """slicer.util.NodeModify."""
-    was = node.StartModify()
-    try:
-        yield node
-    finally:
-        node.EndModify(was)
-
-
-@pytest.fixture()
-def effect(monkeypatch):
-    """SegmentEditorIrisEffect against doubles of qt, slicer, SegmentEditorEffects, the scripted effect and the
-    module logic (whose compute/write record what they do instead of running the network)."""
-    log, errors = [], []
-    scene = FakeScene()
-    source, edited = FakeNode(scene, "vol_target", "target"), FakeNode(scene, "seg_edit", "edited")
-    ref_volume = FakeNode(scene, "vol_ref", "reference")
-    ref_seg = FakeNode(scene, "seg_ref", "reference segmentation", source=ref_volume)
-    ref_seg.add_segment("S1", "liver")
-    parameter_set_node = FakeSegmentEditorNode(source, edited)
-    modules = make_fake_modules(scene, errors)
-    qt = modules["qt"]
-    for name in ("QPushButton", "QHBoxLayout", "QProgressBar", "QLabel"):
-        setattr(qt, name, lambda *a, _n=name: FakeWidget(_n, _n))
-    qt.QListWidget = lambda: FakeListWidget("segmentsList", "QListWidget")
-    qt.QComboBox = lambda: FakeComboBox("localiseComboBox", "QComboBox")
-    qt.QIcon = lambda *a: None
-    slicer = modules["slicer"]
-    slicer.qMRMLNodeComboBox = lambda: FakeNodeComboBox("combo", "qMRMLNodeComboBox")
-    slicer.qSlicerSegmentEditorAbstractEffect = types.SimpleNamespace(ModificationModeSet=0)
-    slicer.util.showStatusMessage = lambda *a: None
-    slicer.util.NodeModify = node_modify
-
-    def add_node(cls, name):
-        node = FakeNode(scene, f"preview{len(scene.nodes)}", name)
-        node.GetScene = lambda: scene
-        node.GetDisplayNode = lambda: types.SimpleNamespace(SetOpacity=lambda opacity: None)
-        return node
-
-    slicer.mrmlScene.AddNewNodeByClass = add_node
-    slicer.mrmlScene.RemoveNode = lambda node: log.append(f"removed {node.GetName()}")
-    editor_effects = types.ModuleType("SegmentEditorEffects")
-
-    class AbstractScriptedSegmentEditorEffect:
-        def __init__(self, scriptedEffect):
-            self.scriptedEffect = scriptedEffect
-
-    editor_effects.AbstractScriptedSegmentEditorEffect = AbstractScriptedSegmentEditorEffect
-    modules["SegmentEditorEffects"] = editor_effects
-
-    constants = _module_constants()
-
-    class Logic:
-        cancel = False
-        LOCALISE_CHOICES, LOCALISE_TOOLTIP = constants["LOCALISE_CHOICES"], constants["LOCALISE_TOOLTIP"]
-        status = ""
-        computed: list = []  # the keyword arguments of each compute
-
-        def options(self, parameterNode):
-            return {"device": "cpu", "localise": "auto", "overlap": 0.5, "tuningSteps": 0, "postprocess": True, "show3D": False}
-
-        def getParameterNode(self):
-            return None
-
-        def segmentIds(self, node):
-            return list(node.GetSegmentation().segments) if node is not None else []
-
-        def sourceVolume(self, node):
-            return node.source if node is not None else None
-
-        def compute(self, target, *args, **kwargs):
-            if self.cancel:
-                raise Cancelled("segmentation cancelled")
-            log.append("computed")
-            self.computed.append(kwargs)
-            return types.SimpleNamespace(target_node=target, labels=[1, 2])
-
-        def write(self, pending, node, add=None, show3D=False):
-            ids = []
-            for value in pending.labels:
-                if add is not None:  # the effect's way: through the editor
-                    ids.append(add(node, f"label {value}", (1, 0, 0), "labelmap"))
-                else:
-                    ids.append(f"new{value}")
-                    node.segmentation.segments[ids[-1]] = FakeSegment(f"label {value}")
-            log.append(f"written to {node.GetName()}")
-            return ids
-
-        def statusText(self, ids):
-            return self.status
-
-    logic = Logic()
-    logic.computed = []
-    slicer.util.getModuleLogic = lambda name: logic
-    for name, module in modules.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    errors_module = types.ModuleType("IrisSegmentLib.errors")
-    errors_module.Cancelled = Cancelled
-    monkeypatch.setitem(sys.modules, "IrisSegmentLib.errors", errors_module)
-    edited.segmentation.AddEmptySegment = lambda sid, name, colour: (
-        edited.segmentation.segments.__setitem__(f"added{len(edited.segmentation.segments)}", FakeSegment(name))
-        or f"added{len(edited.segmentation.segments) - 1}")
-    spec = importlib.util.spec_from_file_location("SegmentEditorIrisEffect_under_test", EFFECT_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    scripted = FakeScriptedEffect(log, parameter_set_node)
-    fx = module.SegmentEditorIrisEffect(scripted)
-    fx.setupOptionsFrame()
-    fx.setMRMLDefaults()
-    parameter_set_node.on_modified = fx.updateGUIFromMRML  # the editor, once the effect is active
-    fx.referenceSegmentationSelector.choose(ref_seg)
-    return types.SimpleNamespace(fx=fx, log=log, errors=errors, logic=logic, edited=edited, scripted=scripted)
-
-
-def test_effect_apply_saves_one_undo_state_before_changing_the_segmentation(effect):
-    fx, log = effect.fx, effect.log
-    assert fx.applyButton.enabled
-    # Preview first: computed and shown in a separate preview segmentation, no undo state for that.
-    fx.previewButton.click()
-    assert log == ["computed", "written to edited IRIS preview"] and not effect.errors
-    log.clear()
-    fx.applyButton.click()
-    # One undo state, saved before the edited segmentation is touched; then the preview is removed.
-    assert log == ["undo state saved", "segment added0 modified", "segment added1 modified", "written to edited",
-                   "removed edited IRIS preview"]
-    assert not effect.errors
-    # Apply without a preview computes first, and still saves exactly one undo state per Apply.
-    log.clear()
-    fx.applyButton.click()
-    assert log.count("undo state saved") == 1
-    assert log.index("undo state saved") < min(i for i, e in enumerate(log) if e.startswith("segment "))
-    assert log[0] == "computed" and log[-1] == "removed edited IRIS preview"
-
-
-def test_effect_apply_cancelled_saves_no_undo_state_and_changes_nothing(effect):
-    effect.logic.cancel = True
-    before = dict(effect.edited.segmentation.segments)
-    effect.fx.applyButton.click()
-    assert effect.log == [] and effect.edited.segmentation.segments == before and not effect.errors
-
-
-def test_effect_localisation_is_an_effect_parameter_passed_to_the_logic(effect):
-    fx, scripted = effect.fx, effect.scripted
-    assert scripted.parameter("IrisLocalise") == "auto" and fx.localiseComboBox.currentText == "auto"  # the default
-    assert [fx.localiseComboBox.itemData(i) for i in range(3)] == ["auto", "registration", "none"]
-    assert "whole field of view" in fx.localiseComboBox.toolTip
-    fx.localiseComboBox.choose("registration")  # the user's choice, stored with the effect
-    assert scripted.parameter("IrisLocalise") == "registration"
-    fx.previewButton.click()
-    assert effect.logic.computed[-1]["localise"] == "registration" and effect.logic.computed[-1]["postprocess"] is True
-    scripted.setParameter("IrisLocalise", "none")  # e.g. restored with the scene: the GUI follows
-    assert fx.localiseComboBox.currentText == "none (whole field of view)"
-    fx.applyButton.click()
-    fx.previewButton.click()
-    assert effect.logic.computed[-1]["localise"] == "none" and not effect.errors
-
-
-def test_effect_status_shows_localisation_and_warnings(effect):
-    fx = effect.fx
-    effect.logic.status = ("Added liver to 'edited IRIS preview' in 1.0 s on cpu.\nNot localised: segmented the whole field of view.\n"
-                           "Warning: registration failed for every reference: segmenting the whole field of view")
-    fx.previewButton.click()
-    assert fx.statusLabel.text == effect.logic.status and fx.statusLabel.wordWrap
-    effect.logic.cancel = True
-    fx.previewButton.click()
-    assert fx.statusLabel.text == "IRIS cancelled: nothing was added."
-
-
-def test_effect_reference_choice_survives_the_gui_refresh(effect):
-    """Each changed effect parameter refreshes the GUI from all of them (the editor does it synchronously): the
-    parameters are set in one NodeModify batch, so picking a reference keeps its source volume and checks all its
-    segments, and unchecking one keeps the choice of localisation."""
-    fx, scripted = effect.fx, effect.scripted
-    assert fx.referenceVolumeSelector.currentNodeID == "vol_ref" and scripted.parameter("IrisReferenceVolume") == "vol_ref"
-    assert scripted.parameter("IrisReferenceSegments") == "S1" and fx._checkedIds() == ["S1"]
-    fx.localiseComboBox.choose("none (whole field of view)")
-    fx.segmentsList.item(0).setCheckState(Qt.Unchecked)
-    assert scripted.parameter("IrisReferenceSegments") == "" and scripted.parameter("IrisLocalise") == "none"
-    assert fx.localiseComboBox.currentText == "none (whole field of view)" and not fx.previewButton.enabled

@@ -9,7 +9,7 @@ import torch
 
 from conftest import ellipsoid_mask, make_affine, rot_z
 from IrisSegmentLib.errors import IrisInputError
-from IrisSegmentLib.inference import segmenter as segmenter_module
+from IrisSegmentLib.inference import encoding
 from IrisSegmentLib.inference.segmenter import Segmenter
 from IrisSegmentLib.inference.task import MemoryBank, TaskEmbedding, default_colour
 from IrisSegmentLib.training.losses import dice_bce
@@ -150,13 +150,13 @@ def test_segmenter_tune_lowers_loss_network_frozen(tiny_cfg, tiny_model, monkeyp
     before = {k: v.clone() for k, v in seg.model.state_dict().items()}
 
     seen = {}
-    real_tune = segmenter_module.tune
+    real_tune = encoding.tune
 
-    def spy(segment, tokens, images, masks, steps, lr):
+    def spy(segment, tokens, images, masks, steps, lr, **progress_and_cancel):
         seen.update(segment=segment, tokens=tokens.clone(), images=images.clone(), masks=masks.clone())
-        return real_tune(segment, tokens, images, masks, steps, lr)
+        return real_tune(segment, tokens, images, masks, steps, lr, **progress_and_cancel)
 
-    monkeypatch.setattr(segmenter_module, "tune", spy)
+    monkeypatch.setattr(encoding, "tune", spy)
     tuned = seg.tune(task, [(img, aff, lab)], steps=30, lr=5e-2)
 
     # the tuning data: one crop per label present, masks for both classes, binary

@@ -139,7 +139,7 @@ def test_other_architecture_refused_by_shapes(tmp_path, tiny_cfg, tiny_model_dir
 
 def test_unknown_config_key_refused(tmp_path, tiny_model_dir):
     d = _copy(tiny_model_dir, tmp_path / "m")
-    data = yaml.safe_load((d / CONFIG).read_text())
+    data = yaml.safe_load((d / CONFIG).read_text(encoding="utf-8"))
     data["model"]["dropout"] = 0.1
     (d / CONFIG).write_text(yaml.safe_dump(data))
     with pytest.raises(IrisInputError, match="dropout"):

@@ -24,6 +24,24 @@
    the number of classes and the number of references; the spread of sliding-window choices (the
    seed's "10-50x inference time"); and training-step memory of the paper-sized network (the seed's
    "24-48 GB"). Fitted growth is written with the tables; plots go to docs/.
+4. The prior network (issue 17, --parts prior): the tiny network with a prior input (prior_channels 4, the
+   episodes of issue 17: query crops near the structure, simulated registration priors, prior dropout 0.25)
+   against no prior input, against each prior simulation (no simulated error: the blurred truth only; each
+   error of priors.PRIOR_ERRORS left out in turn) and against prior dropout 0; same budget and seeds. Each
+   network is evaluated by the engine on PRIOR_TARGETS whole validation volumes per collection, one
+   reference from another subject, localised by registration (real Greedy priors; the localisation does
+   not depend on the network, so it is made once per (target, reference) pair and cached under
+   --work/localisations): the engine's merge (w = localise.prior_weight 0.5), the network alone inside the
+   region (w = 0), and no localisation (pure in-context segmentation, the whole field of view); with
+   registration alone (the warped masks, no network) on the same pairs for reference. The verdicts rest on
+   these volume Dice; episode Dice (simulated priors, crop level) is a training signal only.
+5. Training speed on the CPU (issue 17, --parts speed): CPU seconds per training step (fresh process, as
+   for the architectures) of the tiny and the product network in fp32 and bf16 autocast, contiguous and
+   channels-last 3D, at 32³ and 48³ crops; a one-step profile of the product network (iris-small, 48³,
+   batch 2, episodes of the packed training set): data, forward, backward, optimiser, and the top
+   operators; the real loop (episode_batches + train_step) with 0 and 1 episode workers; and, trained at
+   equal steps with the prior rows' budget, bf16, channels-last and 48³ crops against the prior design (and
+   32³ crops with 3x the steps: about the 48³ row's CPU time).
 
 Every training run is its own fresh process; results are cached as JSON under --work, so an
 interrupted run resumes and finished runs are skipped (and runs that another invocation is running
@@ -34,13 +52,18 @@ the resident memory before the first step, optimiser state included), so other j
 machine do not distort them; the cost rows also report process CPU seconds.
 Verdict per gap: the difference from the design is "within noise" when |diff| < 2 sd (sd pooled
 over both rows; for inference-time alternatives on the same networks, the sd of the per-seed
-paired differences), else the better row is named.
+paired differences), else the better row is named. The prior and speed rows (issue 17) are paired
+by seed (a seed gives every variant the same initial weights and the same draws of datasets, pairs
+and crops), with the unpaired 2 sd printed beside each verdict.
 
-    python benchmarks/ablations.py [--data .cache/packed] [--steps 200] [--seeds 0,1,2] [--jobs 2]
-        [--parts ablations,sensitivity,cost] [--work runs/ablations] [--docs docs] [--quick]
+    python -m benchmarks.ablations [--data .cache/packed] [--steps 200] [--seeds 0,1,2] [--jobs 2]
+        [--parts ablations,sensitivity,cost,prior,speed] [--work runs/ablations] [--docs docs] [--quick]
 
---quick: synthetic data, 16^3 crops, 2 steps, 2 seeds, tiny random network for the cost rows, all
-in one process: checks the machinery in well under a minute; its numbers mean nothing. It writes
+docs/ablations.md holds one section per group of parts (issue 11: ablations, sensitivity, cost; prior;
+speed); a run rewrites the sections of the parts it ran and keeps the others as they were.
+
+--quick: synthetic data, 16^3 crops, 1 step, 2 seeds, tiny random network for the cost rows, all
+in one process: checks the machinery in about a minute; its numbers mean nothing. It writes
 to --work only (default a temporary folder), never to docs/.
 """
 from __future__ import annotations
@@ -48,28 +71,32 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from IrisSegmentLib.config import BundleConfig  # noqa: E402
-from IrisSegmentLib.model import IrisModel  # noqa: E402
-from IrisSegmentLib.training.data import Case  # noqa: E402
+from IrisSegmentLib.config import BundleConfig
+from IrisSegmentLib.model import build_iris
+from IrisSegmentLib.training.data import Case
+from IrisSegmentLib.training.priors import PRIOR_ERRORS
+from benchmarks.common import CONFIGS, ROOT
+from benchmarks.common.processes import ChildFailed, peak_rss_mib, reset_peak_rss, run_child
 
 MIB = 2**20
 DATASETS = ("la2018", "hippocampus", "acdc")
 VOLUME_TARGETS = {"acdc": 3, "la2018": 4, "hippocampus": 4}
+PRIOR_TARGETS = {"acdc": 8, "la2018": 8, "hippocampus": 8}  # the prior rows: registration is cached, so more pairs
 VAL_EPISODES = 48
 VAL_SEED = 12345
 GAPS = {
@@ -91,6 +118,11 @@ class Variant:
     training: dict = field(default_factory=dict)
     spacing: float = 1.5  # working spacing of the training data and of the engine, mm
     volume: bool = False  # also the engine's volume Dice (needed where episodes are not comparable)
+    localised: bool = False  # the engine with localisation by registration, and without (the prior rows)
+    crop_scale: float = 1.0  # training crop and window: the mini-benchmark's times this
+    steps_scale: float = 1.0  # training steps (and warm-up): the mini-benchmark's times this
+    bf16: bool = False  # bf16 autocast in the training steps (CPU)
+    channels_last: bool = False  # model and batches in channels-last 3D memory format
 
 
 @dataclass(frozen=True)
@@ -128,6 +160,30 @@ SENSITIVITY = [
     Variant("spacing-2.0", "working spacing", "2.0 mm", spacing=2.0, volume=True),
     Variant("spacing-3.0", "working spacing", "3.0 mm", spacing=3.0, volume=True),
 ]
+PRIOR_CHANNELS = 4  # the tiny network's prior fusion width (iris-small: 8)
+PRIOR = {"prior_channels": PRIOR_CHANNELS}
+PRIOR_DESIGN = Variant("prior", "prior design", "design: prior input, every simulated error, prior dropout 0.25", PRIOR,
+                       localised=True)
+PRIOR_TRAINED = [
+    PRIOR_DESIGN,
+    Variant("no-prior-input", "prior input", "no prior input (prior_channels 0; the same episodes)", localised=True),
+    Variant("prior-errors-none", "prior simulation", "no simulated error: the blurred truth only", PRIOR,
+            {"prior_errors": ()}, localised=True),
+    *[Variant(f"prior-no-{e}", "prior simulation", f"every simulated error but {e}", PRIOR,
+              {"prior_errors": tuple(x for x in PRIOR_ERRORS if x != e)}, localised=True) for e in PRIOR_ERRORS],
+    Variant("prior-dropout-0", "prior dropout", "prior dropout 0 (every batch with its prior)", PRIOR,
+            {"prior_dropout": 0.0}, localised=True),
+]
+SPEED_TRAINED = [
+    Variant("prior-bf16", "training speed", "bf16 autocast training steps", PRIOR, localised=True, bf16=True),
+    Variant("prior-channels-last", "training speed", "channels-last 3D (model and batches)", PRIOR, localised=True,
+            channels_last=True),
+    Variant("prior-crop-48", "training speed", "48³ crops and windows (1.5x the design's 32³)", PRIOR, localised=True,
+            crop_scale=1.5),
+    Variant("prior-steps-3x", "training speed", "32³ crops, 3x the steps: about the CPU time of the 48³ row", PRIOR,
+            localised=True, steps_scale=3.0),
+]
+ALL_VARIANTS = TRAINED + SENSITIVITY + PRIOR_TRAINED + SPEED_TRAINED
 DESIGN_VALUES = {"learning rate": "lr 1e-3", "context queries m": "m = 4", "working spacing": "1.5 mm",
                  "window size": "32^3", "references": "one-shot (1 reference)"}
 PROBES = [
@@ -152,24 +208,26 @@ class Mini:
     crop: int = 32
     val_episodes: int = VAL_EPISODES
     volume_targets: dict = field(default_factory=lambda: dict(VOLUME_TARGETS))
+    prior_targets: dict = field(default_factory=lambda: dict(PRIOR_TARGETS))
     bank_crops: int = 4
     memory_steps: int = 3  # training steps of a throw-away copy over which the peak memory is taken
     quick: bool = False
 
 
-QUICK = Mini(steps=1, crop=16, val_episodes=2, volume_targets={"synA": 1, "synB": 1}, bank_crops=1, memory_steps=1, quick=True)
+QUICK = Mini(steps=1, crop=16, val_episodes=2, volume_targets={"synA": 1, "synB": 1}, prior_targets={"synA": 1},
+             bank_crops=1, memory_steps=0, quick=True)
 
 
 def tiny_config(mini: Mini, variant: Variant, train_cases: list[Case]) -> BundleConfig:
-    cfg = BundleConfig.load(ROOT / "Resources" / "Configs" / "tiny.yaml")
-    crop = (mini.crop,) * 3
+    cfg = BundleConfig.load(CONFIGS / "tiny.yaml")
+    crop = (round(mini.crop * variant.crop_scale / 8) * 8,) * 3  # divisible by the tiny network's 2^3
     training = dict(variant.training)
     if training.get("dataset_weights") == "by-size":
         counts: dict[str, int] = {}
         for c in train_cases:
             counts[c.dataset] = counts.get(c.dataset, 0) + 1
         training["dataset_weights"] = {d: n / len(train_cases) for d, n in counts.items()}
-    tc = replace(cfg.training, crop=crop, warmup_steps=max(1, mini.steps // 6), **training)
+    tc = replace(cfg.training, crop=crop, warmup_steps=max(1, variant_steps(mini, variant) // 6), **training)
     from IrisSegmentLib.training.sampler import DEFAULT_WEIGHTS
 
     unknown = {c.dataset: 1.0 for c in train_cases if c.dataset not in DEFAULT_WEIGHTS}  # quick mode's synthetic sets
@@ -246,27 +304,6 @@ def synthetic_cases(split: str) -> list[Case]:
     return out
 
 
-# -- memory -----------------------------------------------------------------------------------------
-def _status(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return math.nan
-
-
-def reset_peak() -> float:
-    """Resets the peak resident memory to the current one (Linux); returns the current MiB."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-    return _status("VmRSS")
-
-
-def peak_mib() -> float:
-    return _status("VmHWM")
-
-
 # -- one training run -------------------------------------------------------------------------------
 def val_batches(cfg: BundleConfig, val_cases: list[Case], mini: Mini) -> list[dict]:
     """The fixed validation episodes: the design's sampler, no augmentation, seed VAL_SEED."""
@@ -303,44 +340,34 @@ def train_run(variant: Variant, seed: int, mini: Mini, train_cases: list[Case], 
     """Trains one (variant, seed) with the mini-benchmark budget; returns its row and saves the EMA weights."""
     from safetensors.torch import save_file
 
-    from IrisSegmentLib.training.sampler import EpisodeSampler, collate
-    from IrisSegmentLib.training.train import lr_at, train_step, validate
+    from IrisSegmentLib.training.sampler import EpisodeSampler
+    from IrisSegmentLib.training.train import ema_update, lr_at, train_step, validate
 
     cfg = tiny_config(mini, variant, train_cases)
     tc = replace(cfg.training, seed=seed)
     torch.manual_seed(seed)
-    model = IrisModel(cfg.model)
+    model = in_layout(build_iris(cfg.model), variant.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sampler = EpisodeSampler(train_cases, tc, seed)
-    # peak memory of a training step: a throw-away copy, 3 steps on one batch
-    probe_batch = collate([EpisodeSampler(train_cases, tc, 999).sample() for _ in range(tc.batch_size)])
-    scratch = copy.deepcopy(model)
-    scratch_opt = torch.optim.AdamW(scratch.parameters(), lr=tc.lr)
-    before = reset_peak()
-    for _ in range(mini.memory_steps):
-        train_step(scratch, scratch_opt, probe_batch, tc.lr, tc.grad_clip, "cpu")
-    step_peak = peak_mib() - before
-    del scratch, scratch_opt
+    step_peak = memory_probe(model, train_cases, tc, variant, mini.memory_steps)
     banks = TokenBanks() if variant.key == "design" else None
     handle = model.task_encoder.register_forward_hook(banks.hook) if banks else None
     times, losses = [], []
-    ema_p, model_p = list(ema.parameters()), list(model.parameters())
-    for step in range(mini.steps):
-        batch = collate([sampler.sample() for _ in range(tc.batch_size)])
+    for step in range(variant_steps(mini, variant)):
+        batch = in_layout(sampler.batch(tc.batch_size), variant.channels_last)  # with the design's prior dropout
         t0 = time.perf_counter()
-        losses.append(float(train_step(model, opt, batch, lr_at(step, tc), tc.grad_clip, "cpu")))
+        losses.append(float(train_step(model, opt, batch, lr_at(step, tc), tc.grad_clip, "cpu", variant.bf16)))
         times.append(time.perf_counter() - t0)
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_p, model_p, 1 - tc.ema_decay)
-            for be, bm in zip(ema.buffers(), model.buffers()):
-                be.copy_(bm)
+        ema_update(ema, model, tc.ema_decay)
         if banks:
             banks.update(batch)
     if handle:
         handle.remove()
-    row = {"key": variant.key, "seed": seed, "steps": mini.steps, "params": sum(p.numel() for p in model.parameters()),
-           "step_s": float(np.median(times)), "peak_mib": step_peak, "final_loss": float(np.mean(losses[-20:]))}
+    ema = in_layout(ema, False)
+    row = {"key": variant.key, "seed": seed, "steps": variant_steps(mini, variant),
+           "params": sum(p.numel() for p in model.parameters()), "step_s": float(np.median(times)), "peak_mib": step_peak,
+           "final_loss": float(np.mean(losses[-20:]))}
     if variant.spacing == DESIGN.spacing:  # episodes are at 1.5 mm: comparable across rows
         per = validate(ema, design_val, "cpu")
         row["episode_dice"] = float(np.mean(list(per.values())))
@@ -355,7 +382,40 @@ def train_run(variant: Variant, seed: int, mini: Mini, train_cases: list[Case], 
         probes = PROBES if variant.key == "design" else PROBES[:1]
         row["probes"] = {p.key: volume_dice(ema, cfg, p, train_cases, val_cases, mini, weights) for p in probes}
         row["volume_dice"] = row["probes"]["engine"]["dice"]
+    if variant.localised:
+        row["engine"] = localised_dice(ema, cfg, val_cases, mini, work)
+        row["volume_dice"] = row["engine"]["registration"]["dice"]
     return row
+
+
+def memory_probe(model, train_cases: list[Case], tc, variant: Variant, steps: int) -> float:
+    """Peak memory (MiB above the resident memory before) of `steps` training steps of a throw-away copy of `model`
+    on one batch; nan with 0 steps (not measured: quick mode)."""
+    from IrisSegmentLib.training.sampler import EpisodeSampler, collate
+    from IrisSegmentLib.training.train import train_step
+
+    if not steps:
+        return math.nan
+    batch = in_layout(collate([EpisodeSampler(train_cases, tc, 999).sample() for _ in range(tc.batch_size)]),
+                      variant.channels_last)
+    scratch = copy.deepcopy(model)
+    opt = torch.optim.AdamW(scratch.parameters(), lr=tc.lr)
+    before = reset_peak_rss()
+    for _ in range(steps):
+        train_step(scratch, opt, batch, tc.lr, tc.grad_clip, "cpu", variant.bf16)
+    return peak_rss_mib() - before
+
+
+def variant_steps(mini: Mini, variant: Variant) -> int:
+    return max(1, round(mini.steps * variant.steps_scale))
+
+
+def in_layout(x, channels_last: bool):
+    """A module, or a batch's 5D tensors, in channels-last 3D memory format (else contiguous)."""
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    if isinstance(x, torch.nn.Module):
+        return x.to(memory_format=fmt)
+    return {k: v.contiguous(memory_format=fmt) if torch.is_tensor(v) and v.dim() == 5 else v for k, v in x.items()}
 
 
 ARCH_STEPS = 5
@@ -367,36 +427,59 @@ def arch_cost(key: str, mini: Mini) -> dict:
     before the first; the optimiser state included) of one variant, on a fixed batch of the variant's shapes
     (synthetic images: the cost depends on the shapes only). Run in a fresh process."""
     from IrisSegmentLib.training.sampler import EpisodeSampler, collate
-    from IrisSegmentLib.training.train import train_step
 
     torch.set_num_threads(1)
-    variant = next(v for v in TRAINED + SENSITIVITY if v.key == key)
+    variant = variant_of(key)
     cases = synthetic_cases("train")
     cfg = tiny_config(mini, variant, cases)
     sampler = EpisodeSampler(cases, cfg.training, 0)
-    batch = collate([sampler.sample() for _ in range(cfg.training.batch_size)])
+    batch = in_layout(collate([sampler.sample() for _ in range(cfg.training.batch_size)]), variant.channels_last)
     torch.manual_seed(0)
-    model = IrisModel(cfg.model)
+    model = in_layout(build_iris(cfg.model), variant.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.training.lr)
-    base = reset_peak()
-    times = []
-    for _ in range(1 + (1 if mini.quick else ARCH_STEPS)):
-        c0 = time.process_time()
-        train_step(model, opt, batch, cfg.training.lr, cfg.training.grad_clip, "cpu")
-        times.append(time.process_time() - c0)
+    base = reset_peak_rss()
+    times = step_seconds(model, opt, batch, variant.bf16, 1 + (1 if mini.quick else ARCH_STEPS))
     return {"key": key, "params": sum(p.numel() for p in model.parameters()), "step_cpu_s": float(np.median(times[1:])),
-            "peak_mib": peak_mib() - base, "classes": int(batch["valid"].shape[1])}
+            "peak_mib": peak_rss_mib() - base, "classes": int(batch["valid"].shape[1])}
 
 
-def run_arch_costs(work: Path, mini: Mini, log) -> None:
-    for v in TRAINED + SENSITIVITY:
+def step_seconds(model, opt, batch: dict, bf16: bool, n: int) -> list[float]:
+    """Process CPU seconds of `n` training steps on one batch (lr 1e-3, clip 1)."""
+    from IrisSegmentLib.training.train import train_step
+
+    times = []
+    for _ in range(n):
+        c0 = time.process_time()
+        train_step(model, opt, batch, 1e-3, 1.0, "cpu", bf16)
+        times.append(time.process_time() - c0)
+    return times
+
+
+def variant_of(key: str) -> Variant:
+    return next(v for v in ALL_VARIANTS if v.key == key)
+
+
+def trained_variants(parts: list[str]) -> list[Variant]:
+    """The trained variants of `parts` (the issue 11 grid, the prior rows, the speed rows' accuracy runs)."""
+    out = []
+    if "ablations" in parts or "sensitivity" in parts:
+        out += TRAINED + SENSITIVITY
+    if "prior" in parts:
+        out += PRIOR_TRAINED
+    if "speed" in parts:
+        out += [PRIOR_DESIGN] * ("prior" not in parts) + SPEED_TRAINED
+    return out
+
+
+def run_arch_costs(work: Path, mini: Mini, log, variants: list[Variant]) -> None:
+    for v in variants:
         f = work / "arch" / f"{v.key}.json"
         if f.is_file():
             continue
         if mini.quick:
             r = arch_cost(v.key, mini)
         else:
-            r, failure = _child_row(["--arch-cost", v.key, "--steps", str(mini.steps)])
+            r, failure = in_child(arch_cost, v.key, mini)
             if r is None:
                 log(f"arch cost {v.key}: FAILED: {failure}")
                 continue
@@ -406,21 +489,22 @@ def run_arch_costs(work: Path, mini: Mini, log) -> None:
 
 
 
-def _child_row(args: list[str]) -> tuple[dict | None, str]:
-    """This script run in a fresh one-thread process with `args`: the JSON on its last output line, or
-    None and what failed (exit code and the end of its stderr)."""
-    p = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
-    if p.returncode:
-        return None, f"(exit {p.returncode}): {p.stderr.strip()[-1500:]}"
-    return json.loads(p.stdout.strip().splitlines()[-1]), ""
+def in_child(fn: Callable[..., dict], *args) -> tuple[dict | None, str]:
+    """`fn(*args)` in a fresh one-thread process: its row, or None and what failed (exit code and the end of its
+    output)."""
+    try:
+        return run_child(fn, *args, threads=1), ""
+    except ChildFailed as e:
+        return None, f"(exit {e.exitcode}): {e.output.strip()[-1500:]}"
+
 
 # -- the engine on whole validation volumes -------------------------------------------------------------
-def volume_pairs(val_cases: list[Case], mini: Mini) -> list[tuple[Case, list[Case]]]:
+def volume_pairs(val_cases: list[Case], mini: Mini, targets: dict | None = None) -> list[tuple[Case, list[Case]]]:
     """(target, references from three other subjects), fixed: per collection the first case of each
-    subject in order; subject i is segmented with subjects i+1, i+2, i+3 as references."""
+    subject in order; subject i is segmented with subjects i+1, i+2, i+3 as references. `targets`: how many
+    per collection (default the mini-benchmark's volume_targets)."""
     out = []
-    for dataset, n in mini.volume_targets.items():
+    for dataset, n in (targets or mini.volume_targets).items():
         firsts: dict[str, Case] = {}
         for c in val_cases:
             if c.dataset == dataset and c.group not in firsts:
@@ -495,6 +579,96 @@ def volume_dice(model, cfg: BundleConfig, probe: Probe, train_cases, val_cases, 
     return {"dice": float(np.mean(list(means.values()))) if means else math.nan, "per": means, "seconds": seconds}
 
 
+ENGINE_MODES = {  # the localised rows' engine columns: (localise mode, prior weight w)
+    "registration": ("registration", None),  # the engine as shipped: w = localise.prior_weight inside the region
+    "network-in-region": ("registration", 0.0),  # w = 0: the network's own output inside the region
+    "none": ("none", None),  # no localisation: the whole field of view, no prior (pure in-context)
+}
+
+
+REGISTRATION_CODE = ("localise.py", "greedy_job.py", "body.py")  # IrisSegmentLib/inference: what makes a localisation
+
+
+def localisation_version() -> str:
+    """A hash of the registration code and the default localise config: cached localisations, and the engine numbers
+    of the rows made with them, belong to one version; a row of another version is evaluated again."""
+    from IrisSegmentLib.config import LocaliseConfig
+
+    h = hashlib.sha1(json.dumps(dataclasses.asdict(LocaliseConfig()), sort_keys=True).encode())
+    for name in REGISTRATION_CODE:
+        h.update((ROOT / "IrisSegmentLib" / "inference" / name).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def cached_localisation(seg, image: np.ndarray, affine: np.ndarray, task, path: Path):
+    """The engine's localisation of `image` by the task's reference (Greedy), made once and kept at `path`: it
+    depends on the reference image and masks and the target only, not on the network's weights."""
+    from IrisSegmentLib.inference.body import crop_affine
+
+    if path.is_file():
+        return torch.load(path, weights_only=False)
+    box = seg.body(image, affine)
+    loc = seg.localise(seg.prepare(image[box], crop_affine(affine, box), "mr"), task, "registration")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(loc, tmp)
+    tmp.replace(path)
+    return loc
+
+
+def registration_alone(seg, image: np.ndarray, affine: np.ndarray, task, loc) -> np.ndarray:
+    """The warped reference masks (unblurred) thresholded at 0.5 and post-processed, as the engine's fallback for
+    a class the network cannot do (benchmarks/wholescan.py's column); empty where registration failed."""
+    from IrisSegmentLib.inference.body import crop_affine
+    from IrisSegmentLib.inference.labelmap import paste, to_label_map
+
+    if loc.prior is None:
+        return np.zeros(image.shape, np.uint8)
+    box = seg.body(image, affine)
+    target = seg.prepare(image[box], crop_affine(affine, box), "mr")
+    label_map = to_label_map(loc.warped_masks(), target.grid, task.labels, seg.config.inference.threshold)
+    return seg.postprocess(paste(label_map, box, image.shape), task)
+
+
+def _dice(label_map: np.ndarray, truth: np.ndarray, value: int) -> float:
+    p, t = label_map == value, truth == value
+    return 2 * float((p & t).sum()) / max(float(p.sum() + t.sum()), 1.0)
+
+
+def localised_dice(model, cfg: BundleConfig, val_cases: list[Case], mini: Mini, work: Path) -> dict:
+    """Per ENGINE_MODES column and for registration alone: mean Dice per collection (then over collections) of
+    the prior_targets validation volumes, one-shot (the next subject's volume as the reference), with the cached
+    localisations; also how many registrations failed the engine's checks (those fall back to the whole field)."""
+    from IrisSegmentLib import Segmenter
+
+    segs = {mode: Segmenter(model, cfg if w is None else replace(cfg, localise=replace(cfg.localise, prior_weight=w)), "cpu")
+            for mode, (_, w) in ENGINE_MODES.items()}
+    per: dict[str, dict[str, list[float]]] = {m: {} for m in [*ENGINE_MODES, "registration-alone"]}
+    failed = pairs = 0
+    version = localisation_version()
+    for target, refs in volume_pairs(val_cases, mini, mini.prior_targets):
+        image, affine, truth = _volume(target, 1.5)
+        rimg, raff, rlab = _volume(refs[0], 1.5)
+        labels = [int(v) for v in np.unique(truth) if v and (rlab == v).any()]
+        seg = segs["registration"]
+        task = seg.encode(rimg, raff, rlab, labels=labels, modality="mr", confidence=False)
+        loc = cached_localisation(seg, image, affine, task,
+                                  work / "localisations" / version / f"{target.dataset}-{target.case_id}-{refs[0].case_id}.pt")
+        pairs, failed = pairs + 1, failed + (loc.prior is None)
+        maps = {"registration-alone": registration_alone(seg, image, affine, task, loc)}
+        for mode, (localise, _) in ENGINE_MODES.items():
+            maps[mode] = segs[mode].segment(image, affine, task, modality="mr", confidence=False, localise=localise,
+                                            localisation=loc if localise == "registration" else None).label_map
+        for mode, label_map in maps.items():
+            per[mode].setdefault(target.dataset, []).extend(_dice(label_map, truth, v) for v in task.labels)
+    out = {}
+    for mode, by in per.items():
+        means = {k: float(np.mean(v)) for k, v in sorted(by.items())}
+        out[mode] = {"dice": float(np.mean(list(means.values()))) if means else math.nan, "per": means}
+    out["pairs"], out["failed_registrations"], out["version"] = pairs, failed, version
+    return out
+
+
 # -- scheduling ------------------------------------------------------------------------------------------
 def result_path(work: Path, key: str, seed: int) -> Path:
     return work / "results" / f"{key}-s{seed}.json"
@@ -502,7 +676,7 @@ def result_path(work: Path, key: str, seed: int) -> Path:
 
 def child_main(key: str, seed: int, mini: Mini, packed: Path, work: Path) -> None:
     torch.set_num_threads(1)
-    variant = next(v for v in TRAINED + SENSITIVITY if v.key == key)
+    variant = variant_of(key)
     lock = result_path(work, key, seed).with_suffix(".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     lock.write_text(str(os.getpid()))
@@ -513,11 +687,15 @@ def child_main(key: str, seed: int, mini: Mini, packed: Path, work: Path) -> Non
         cache = prepare_data(packed, work, variant.spacing)
         train_cases, val_cases = load_cases(cache, "train"), load_cases(cache, "val")
         val_15 = load_cases(prepare_data(packed, work, 1.5), "val")
-    design_val = val_batches(tiny_config(mini, DESIGN, train_cases), val_15, mini)
     t0 = time.time()
-    # the engine is always evaluated on the 1.5 mm volumes (the spacing rows resample them themselves)
-    row = train_run(variant, seed, mini, train_cases, val_15, design_val, work)
-    row["wall_s"] = time.time() - t0
+    if stale(work, key, seed):  # trained before the registration changed: the engine again, on the saved weights
+        done = json.loads(result_path(work, key, seed).read_text(encoding="utf-8"))
+        row = reevaluate(done, mini, train_cases, val_15, work)
+    else:
+        design_val = val_batches(tiny_config(mini, DESIGN, train_cases), val_15, mini)
+        # the engine is always evaluated on the 1.5 mm volumes (the spacing rows resample them themselves)
+        row = train_run(variant, seed, mini, train_cases, val_15, design_val, work)
+        row["wall_s"] = time.time() - t0
     out = result_path(work, key, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
@@ -526,8 +704,31 @@ def child_main(key: str, seed: int, mini: Mini, packed: Path, work: Path) -> Non
     lock.unlink(missing_ok=True)
 
 
+def stale(work: Path, key: str, seed: int) -> bool:
+    """A localised row whose engine numbers were made with another version of the registration."""
+    f = result_path(work, key, seed)
+    if not variant_of(key).localised or not f.is_file():
+        return False
+    return json.loads(f.read_text(encoding="utf-8")).get("engine", {}).get("version") != localisation_version()
+
+
+def reevaluate(row: dict, mini: Mini, train_cases: list[Case], val_cases: list[Case], work: Path) -> dict:
+    """`row` with its engine numbers made again from its saved EMA weights (training untouched)."""
+    from safetensors.torch import load_file
+
+    variant = variant_of(row["key"])
+    cfg = tiny_config(mini, variant, train_cases)
+    model = build_iris(cfg.model)
+    model.load_state_dict(load_file(str(work / "models" / f"{variant.key}-s{row['seed']}.safetensors")))
+    t0 = time.process_time()
+    row["engine"] = localised_dice(model.requires_grad_(False), cfg, val_cases, mini, work)
+    row["volume_dice"], row["reevaluated_cpu_s"] = row["engine"]["registration"]["dice"], time.process_time() - t0
+    return row
+
+
 def todo(parts: list[str], seeds: list[int]) -> list[tuple[str, int]]:
-    """(variant, seed): the gap rows, seed by seed, before the sensitivity rows."""
+    """(variant, seed): the gap rows, seed by seed, before the sensitivity rows; then the prior rows and the speed
+    rows' accuracy runs, seed by seed."""
     order = []
     gaps = [v.key for v in TRAINED] if "ablations" in parts else []
     sens = [v.key for v in SENSITIVITY] if "sensitivity" in parts else []
@@ -537,6 +738,9 @@ def todo(parts: list[str], seeds: list[int]) -> list[tuple[str, int]]:
         order += [(k, s) for k in gaps]
     for s in seeds:
         order += [(k, s) for k in sens]
+    prior = [v.key for v in trained_variants([p for p in parts if p in ("prior", "speed")])]
+    for s in seeds:
+        order += [(k, s) for k in prior]
     return order
 
 
@@ -551,32 +755,29 @@ def _running_elsewhere(work: Path, key: str, seed: int) -> bool:
 
 
 def run_all(pairs: list[tuple[str, int]], mini: Mini, packed: Path, work: Path, jobs: int, log) -> None:
-    pending = [(k, s) for k, s in pairs if not result_path(work, k, s).is_file() and not _running_elsewhere(work, k, s)]
-    log(f"{len(pairs) - len(pending)} of {len(pairs)} runs already done or running elsewhere")
+    pending = [(k, s) for k, s in pairs if (not result_path(work, k, s).is_file() or stale(work, k, s))
+               and not _running_elsewhere(work, k, s)]
+    again = sum(stale(work, k, s) for k, s in pending)
+    log(f"{len(pairs) - len(pending)} of {len(pairs)} runs already done or running elsewhere"
+        + (f"; {again} to evaluate again (registration changed)" if again else ""))
     if mini.quick:
         for k, s in pending:
             child_main(k, s, mini, packed, work)
         return
-    for sp in sorted({v.spacing for v in TRAINED + SENSITIVITY if any(v.key == k for k, _ in pending)} | {1.5}):
+    for sp in sorted({v.spacing for v in ALL_VARIANTS if any(v.key == k for k, _ in pending)} | {1.5}):
         prepare_data(packed, work, sp)
-    running: list[tuple[subprocess.Popen, str, int, float]] = []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    while pending or running:
-        while pending and len(running) < jobs:
-            k, s = pending.pop(0)
-            cmd = [sys.executable, __file__, "--child", k, "--child-seed", str(s), "--steps", str(mini.steps),
-                   "--data", str(packed), "--work", str(work)]
-            running.append((subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), k, s, time.time()))
-        time.sleep(1)
-        for item in list(running):
-            p, k, s, t0 = item
-            if p.poll() is not None:
-                running.remove(item)
-                out = p.stdout.read().strip()
-                if p.returncode:
-                    log(f"run {k} seed {s}: FAILED (exit {p.returncode}): {out[-2000:]}")
-                else:
-                    log(f"run {k} seed {s}: done in {time.time() - t0:.0f} s")
+
+    def run(key: str, seed: int) -> str:
+        t0 = time.time()
+        try:
+            run_child(child_main, key, seed, mini, packed, work, threads=1)
+        except ChildFailed as e:
+            return f"run {key} seed {seed}: FAILED (exit {e.exitcode}): {e.output.strip()[-2000:]}"
+        return f"run {key} seed {seed}: done in {time.time() - t0:.0f} s"
+
+    with ThreadPoolExecutor(jobs) as pool:  # `jobs` fresh processes at a time, in the order of `pending`
+        for done in as_completed([pool.submit(run, k, s) for k, s in pending]):
+            log(done.result())
 
 
 # -- tables ---------------------------------------------------------------------------------------------
@@ -718,6 +919,208 @@ def tables(work: Path, seeds: list[int]) -> tuple[str, dict]:
     return ablation_md + "\n\n" + "\n".join(verdicts), {"sensitivity_md": "\n".join(sl), "summary": summary}
 
 
+# -- the prior rows and the speed rows (issue 17) ----------------------------------------------------------
+ENGINE_COLUMNS = {"registration": "engine: registration prior, w 0.5", "network-in-region": "network alone in the region (w 0)",
+                  "none": "no localisation"}
+
+
+def _engine(rs: list[dict], mode: str) -> list[float]:
+    return [r.get("engine", {}).get(mode, {}).get("dice", math.nan) for r in rs]
+
+
+def _by_seed(rows: dict[str, list[dict]], key: str) -> list[dict]:
+    return sorted(rows.get(key, []), key=lambda r: r["seed"])
+
+
+def localised_table(work: Path, variants: list[Variant], first: str) -> str:
+    """The trained variants evaluated by the engine with and without localisation: Dice mean ± sd over seeds."""
+    rows = rows_of(work)
+    arch = {f.stem: json.loads(f.read_text(encoding="utf-8")) for f in sorted((work / "arch").glob("*.json"))}
+    cols = " | ".join(f"volume Dice %: {c}" for c in ENGINE_COLUMNS.values())
+    lines = [f"| {first} | variant | seeds | episode Dice % (simulated prior) | {cols} | parameters | CPU s / step | peak MiB (train steps) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for v in variants:
+        rs = _by_seed(rows, v.key)
+        ep = _ms([r.get("episode_dice", math.nan) for r in rs])
+        vols = [_ms(_engine(rs, m)) for m in ENGINE_COLUMNS]
+        cells = [_fmt(*ep) if rs else "owed", *[_fmt(*x) if rs else "owed" for x in vols]]
+        lines.append(f"| {v.group} | {v.label} | {len(rs)} | {' | '.join(cells)} | {_arch_columns(arch, v.key)} |")
+    return "\n".join(lines)
+
+
+def _per_seed(rs: list[dict], mode: str) -> dict[int, float]:
+    return {r["seed"]: r.get("engine", {}).get(mode, {}).get("dice", math.nan) for r in rs}
+
+
+def _versus(design: dict[int, float], alt: dict[int, float], key: str, base: str = "prior design") -> str:
+    """The verdict of `alt` against `base` (the prior design), without the names in front: paired by seed (one seed
+    gives both networks the same initial weights and the same draws of datasets, pairs and crops, so its luck
+    cancels; the sd is that of the per-seed differences), with the unpaired 2 sd (pooled over both rows) beside it."""
+    seeds = sorted(set(design) & set(alt))
+    text = verdict(base, [design[s] for s in seeds], key, [alt[s] for s in seeds], paired=True)
+    text = text.removeprefix(f"{key} vs {base}: ")
+    (_, sa, na), (_, sb, nb) = _ms(list(design.values())), _ms(list(alt.values()))
+    return text + (f" [unpaired 2 sd = {200 * math.sqrt((sa**2 + sb**2) / 2):.1f}]" if na > 1 and nb > 1 else "")
+
+
+def localised_verdicts(work: Path, variants: list[Variant], modes: dict[str, list[str]]) -> list[str]:
+    """One line per variant: its verdict against the prior design on the engine columns `modes[group]`."""
+    rows = rows_of(work)
+    design = _by_seed(rows, PRIOR_DESIGN.key)
+    out = []
+    for v in variants:
+        rs = _by_seed(rows, v.key)
+        cols = modes.get(v.group, list(ENGINE_COLUMNS))
+        out.append(f"- **{v.group}**, {v.label} ({v.key}) against the prior design: " + "; ".join(
+            f"{ENGINE_COLUMNS[m]}: {_versus(_per_seed(design, m), _per_seed(rs, m), v.key)}" for m in cols) + ".")
+    return out
+
+
+def equal_cpu_line(work: Path, base: str, alt: str) -> str:
+    """`alt` against `base` (another row than the prior design: the two that take about the same CPU time)."""
+    rows = rows_of(work)
+    a, b = _by_seed(rows, base), _by_seed(rows, alt)
+    return (f"- **equal CPU time**, {variant_of(alt).label} ({alt}) against {variant_of(base).label} ({base}): " + "; ".join(
+        f"{ENGINE_COLUMNS[m]}: {_versus(_per_seed(a, m), _per_seed(b, m), alt, base)}" for m in ENGINE_COLUMNS) + ".")
+
+
+def registration_alone_line(work: Path) -> str:
+    """Registration alone on the prior rows' pairs (the same for every network: the localisations are cached)."""
+    design = _by_seed(rows_of(work), PRIOR_DESIGN.key)
+    if not design:
+        return "Registration alone: owed (no prior design run yet)."
+    e = design[0]["engine"]
+    per = ", ".join(f"{k} {100 * v:.1f}" for k, v in e["registration-alone"]["per"].items())
+    return (f"Registration alone (the warped reference masks, unblurred, no network; the same pairs, the same for every "
+            f"network): {100 * e['registration-alone']['dice']:.1f} % ({per}). {e['failed_registrations']} of {e['pairs']} "
+            f"registrations failed the engine's checks: those pairs fall back to the whole field of view in the engine "
+            f"columns and count 0 for registration alone.")
+
+
+def per_collection_table(work: Path, keys: list[str]) -> str:
+    """Volume Dice per collection (mean over seeds) of the engine with the registration prior, and registration alone."""
+    rows = rows_of(work)
+    design = _by_seed(rows, PRIOR_DESIGN.key)
+    sets = sorted({d for r in design for d in r.get("engine", {}).get("registration", {}).get("per", {})})
+    if not sets:
+        return ""
+    lines = [f"| engine (registration prior, w 0.5), volume Dice % | {' | '.join(sets)} |", "|---|" + "---|" * len(sets)]
+    for key in keys:
+        rs = _by_seed(rows, key)
+        vals = [_fmt(*_ms([r["engine"]["registration"]["per"].get(d, math.nan) for r in rs])) for d in sets]
+        lines.append(f"| {variant_of(key).label} | {' | '.join(vals)} |")
+    alone = [f"{100 * design[0]['engine']['registration-alone']['per'].get(d, math.nan):.1f}" for d in sets]
+    lines.append(f"| registration alone (no network) | {' | '.join(alone)} |")
+    return "\n".join(lines)
+
+
+def _owed(work: Path, variants: list[Variant], seeds: list[int]) -> str:
+    owed = [f"{v.key} seed {s}" for s in seeds for v in variants if not result_path(work, v.key, s).is_file()]
+    return f"Runs not done: {', '.join(owed) if owed else 'none'}."
+
+
+PRIOR_VERDICT_COLUMNS = {"prior input": ["registration", "network-in-region", "none"],
+                         "prior simulation": ["registration", "network-in-region"],
+                         "prior dropout": ["none", "registration"]}
+
+
+def prior_section(work: Path, seeds: list[int], mini: Mini) -> str:
+    md = ["## The prior network (issue 17)", "", localised_table(work, PRIOR_TRAINED, "comparison"), "",
+          registration_alone_line(work), "", per_collection_table(work, [PRIOR_DESIGN.key, "no-prior-input"]), "",
+          "Verdicts on the engine's volume Dice (paired by seed: |diff| < 2 sd of the per-seed differences is within noise):", "",
+          *localised_verdicts(work, PRIOR_TRAINED[1:], PRIOR_VERDICT_COLUMNS), "", _owed(work, PRIOR_TRAINED, seeds)]
+    return "\n".join(md)
+
+
+def _step_medians(rows: list[dict]) -> dict[str, float]:
+    """Per spec, the median CPU s / step over its repeats."""
+    by: dict[str, list[float]] = {}
+    for r in rows:
+        by.setdefault(r["spec"], []).append(r["step_cpu_s"])
+    return {k: float(np.median(v)) for k, v in by.items()}
+
+
+def _ratio(rows: list[dict], spec: str) -> float:
+    """Median CPU s / step of `spec` over that of the same network and crop in fp32, contiguous."""
+    by = _step_medians(rows)
+    base = by.get(spec.split("/")[0] + "/fp32/contiguous")
+    return by[spec] / base if base else math.nan
+
+
+def step_table(rows: list[dict]) -> str:
+    lines = [("| network @ crop (batch 2, prior input, one AdamW step) | precision | memory format | parameters | repeats | "
+              "CPU s / step (median) | min-max | x fp32 contiguous | peak MiB |"), "|---|---|---|---|---|---|---|---|---|"]
+    medians = _step_medians(rows)
+    for spec, median in medians.items():
+        rs = [r for r in rows if r["spec"] == spec]
+        net, prec, layout = spec.split("/")
+        times = [r["step_cpu_s"] for r in rs]
+        lines.append(f"| {net} | {prec} | {layout} | {rs[0]['params']:,} | {len(rs)} | {median:.3f} | {min(times):.3f}-{max(times):.3f} | "
+                     f"{_ratio(rows, spec):.2f} | {max(r['peak_mib'] for r in rs):.0f} |")
+    return "\n".join(lines)
+
+
+def profile_table(rows: list[dict]) -> str:
+    """The phases of one step per precision, and the top operators of each."""
+    if not rows:
+        return ""
+    phases = ("data_s", "forward", "backward", "optimiser")
+    names = {"data_s": "data: sample a batch (2 episodes, priors simulated)", "forward": "forward: task encoding, segmentation, loss",
+             "backward": "backward", "optimiser": "optimiser: clip, AdamW"}
+    head = " | ".join(f"{r['spec'].split('/')[1]} CPU s | %" for r in rows)
+    lines = [f"| phase ({rows[0]['spec'].split('/')[0]}, batch {rows[0]['batch']}, episodes of the training set) | {head} |",
+             "|---|" + "---|---|" * len(rows)]
+    totals = [sum(r[p] for p in phases) for r in rows]
+    for p in phases:
+        lines.append(f"| {names[p]} | " + " | ".join(f"{r[p]:.3f} | {100 * r[p] / t:.0f}" for r, t in zip(rows, totals)) + " |")
+    lines.append("| total | " + " | ".join(f"{t:.3f} | 100" for t in totals) + " |")
+    lines.append("| train_step itself on the same batch (no data) | " + " | ".join(f"{r['train_step_s']:.3f} | —" for r in rows) + " |")
+    for r in rows:
+        lines += ["", f"| operator ({r['spec']}, one step, torch.profiler) | self CPU % | calls |", "|---|---|---|"]
+        lines += [f"| {o['op']} | {o['self_pct']:.1f} | {o['calls']} |" for o in r["top"]]
+    return "\n".join(lines)
+
+
+def loop_table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    lines = [(f"| episode workers ({rows[0]['spec'].split('/')[0]}, {'bf16' if rows[0]['bf16'] else 'fp32'}) | steps | "
+              "wall s / step | main-process CPU s / step | waiting for a batch, % of wall |"), "|---|---|---|---|---|"]
+    lines += [f"| {r['workers']} | {r['steps']} | {r['wall_s_per_step']:.3f} | {r['cpu_s_per_step']:.3f} | {100 * r['wait_fraction']:.1f} |"
+              for r in rows]
+    means = {w: float(np.mean([r["wall_s_per_step"] for r in rows if r["workers"] == w])) for w in sorted({r["workers"] for r in rows})}
+    return "\n".join(lines) + "\n\nMean wall s / step: " + ", ".join(f"{w} workers {m:.3f}" for w, m in means.items()) + "."
+
+
+def speed_summary(rows: list[dict], product: str) -> list[str]:
+    """Per option, the product network's CPU time per step against its fp32 contiguous 48³ baseline."""
+    by = _step_medians(rows)
+    net = product.split("@")[0]
+    small = next((s for s in by if s.startswith(net + "@") and s.split("/")[0] != product and s.endswith("/fp32/contiguous")), None)
+    out = []
+    for spec in (f"{product}/bf16/contiguous", f"{product}/fp32/channels-last", f"{product}/bf16/channels-last"):
+        if spec in by:
+            out.append(f"- {spec}: {_ratio(rows, spec):.2f}x the CPU time per step of {product}/fp32/contiguous.")
+    if small and f"{product}/fp32/contiguous" in by:
+        out.append(f"- {small}: {by[small] / by[product + '/fp32/contiguous']:.2f}x the CPU time per step of "
+                   f"{product}/fp32/contiguous (crops {small.split('@')[1].split('/')[0]}³ vs {product.split('@')[1]}³).")
+    return out
+
+
+def speed_section(work: Path, seeds: list[int], speed: dict[str, list[dict]], quick: bool) -> str:
+    product = "tiny@16" if quick else "iris-small@48"
+    md = ["## Training speed on the CPU (issue 17)", "", "### CPU seconds per training step (fresh process per row, 1 thread)", "",
+          step_table(speed.get("step", [])), "", *speed_summary(speed.get("step", []), product), "",
+          "### One step of the product network, profiled", "", profile_table(speed.get("profile", [])), "",
+          "### The real loop: episode workers (wall clock on the shared machine)", "", loop_table(speed.get("loop", [])), "",
+          "### Accuracy at equal steps (the prior rows' budget and evaluation)", "",
+          localised_table(work, [PRIOR_DESIGN, *SPEED_TRAINED], "speed option"), "",
+          "Verdicts on the engine's volume Dice (paired by seed, as for the prior rows):", "",
+          *localised_verdicts(work, SPEED_TRAINED, {}), equal_cpu_line(work, "prior-crop-48", "prior-steps-3x"), "",
+          _owed(work, [PRIOR_DESIGN, *SPEED_TRAINED], seeds)]
+    return "\n".join(md)
+
+
 # -- cost against input size ---------------------------------------------------------------------------
 def _blob_reference(n_classes: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A reference with `n_classes` boxes of distinct intensity on a graded background (1.5 mm)."""
@@ -751,14 +1154,14 @@ def _segmenter(quick: bool, **model_overrides):
     from IrisSegmentLib.weights import load_model
 
     if quick:
-        cfg = BundleConfig.load(ROOT / "Resources" / "Configs" / "tiny.yaml")
+        cfg = BundleConfig.load(CONFIGS / "tiny.yaml")
         torch.manual_seed(0)
-        state = IrisModel(cfg.model).state_dict()
+        state = build_iris(cfg.model).state_dict()
     else:
         m, cfg, _ = load_model(None)
         state = m.state_dict()
     cfg = replace(cfg, model=replace(cfg.model, **model_overrides))
-    model = IrisModel(cfg.model)
+    model = build_iris(cfg.model)
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return Segmenter(model, cfg, "cpu"), cfg
 
@@ -770,23 +1173,23 @@ def cost_row(kind: str, value: str, quick: bool) -> dict:
         from IrisSegmentLib.training.train import train_step
 
         size, crop = value.split("@")
-        cfg = BundleConfig.load(ROOT / "Resources" / "Configs" / ("tiny.yaml" if quick else "iris-small.yaml"))
+        cfg = BundleConfig.load(CONFIGS / ("tiny.yaml" if quick else "iris-small.yaml"))
         mc = cfg.model if size == "product" else replace(
             cfg.model, widths=(32, 64, 128, 256, 512), heads=16, num_queries=10, head_channels=32)  # paper size
         n = int(crop)
         mc = replace(mc, window=(n,) * 3)
-        model = IrisModel(mc)
+        model = build_iris(mc)
         params = sum(p.numel() for p in model.parameters())
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         g = torch.Generator().manual_seed(0)
         b = {"ref_image": torch.randn(1, 1, n, n, n, generator=g), "query_image": torch.randn(1, 1, n, n, n, generator=g),
              "ref_masks": (torch.rand(1, 4, n, n, n, generator=g) > 0.9).float(), "valid": torch.ones(1, 4, dtype=torch.bool)}
         b["query_masks"] = b["ref_masks"]
-        base = reset_peak()
+        base = reset_peak_rss()
         t0 = time.process_time()
         train_step(model, opt, b, 1e-4, 1.0, "cpu")
         return {"kind": kind, "value": value, "params": params, "seconds": time.process_time() - t0,
-                "base_mib": base, "peak_mib": peak_mib(), "extra_mib": peak_mib() - base}
+                "base_mib": base, "peak_mib": peak_rss_mib(), "extra_mib": peak_rss_mib() - base}
     if kind == "pooling":  # gap 2 at scale: the foreground token of K = 4 masks, one reference, forward
         from IrisSegmentLib.model.foreground_pooling import foreground_pool, upsample_then_pool
 
@@ -796,13 +1199,13 @@ def cost_row(kind: str, value: str, quick: bool) -> dict:
         feats = torch.randn(1, c, n // 16, n // 16, n // 16, generator=g)
         masks = (torch.rand(1, 4, n, n, n, generator=g) > 0.95).float()
         fn = foreground_pool if method == "adjoint" else upsample_then_pool
-        base = reset_peak()
+        base = reset_peak_rss()
         t0 = time.process_time()
         with torch.no_grad():
             out = fn(feats, masks)
         seconds = time.process_time() - t0
-        return {"kind": kind, "value": value, "seconds": seconds, "base_mib": base, "peak_mib": peak_mib(),
-                "extra_mib": peak_mib() - base, "checksum": float(out.double().sum())}
+        return {"kind": kind, "value": value, "seconds": seconds, "base_mib": base, "peak_mib": peak_rss_mib(),
+                "extra_mib": peak_rss_mib() - base, "checksum": float(out.double().sum())}
     over = {"class_interaction": "independent"} if kind == "spread" and value.startswith("per-class") else {}
     seg, cfg = _segmenter(quick, **over)
     from IrisSegmentLib import TaskEmbedding
@@ -824,7 +1227,7 @@ def cost_row(kind: str, value: str, quick: bool) -> dict:
     seg.segment(warm[0], warm[1], seg.encode(*warm, confidence=False), confidence=False, strategy="full")
     image, affine = _target(shape)
     refs = [_blob_reference(n_classes, ref_size, seed=r) for r in range(n_refs)]
-    base = reset_peak()
+    base = reset_peak_rss()
     w0, c0 = time.perf_counter(), time.process_time()
     task = TaskEmbedding.ensemble([seg.encode(*r, confidence=False) for r in refs])
     encode_s, encode_wall = time.process_time() - c0, time.perf_counter() - w0
@@ -834,7 +1237,7 @@ def cost_row(kind: str, value: str, quick: bool) -> dict:
     return {"kind": kind, "value": value, "shape": "x".join(map(str, shape)), "classes": n_classes, "references": n_refs,
             "windows": res.windows, "encode_s": encode_s, "segment_s": segment_s, "encode_wall_s": encode_wall,
             "segment_wall_s": segment_wall,
-            "voxels": int(np.prod(shape)), "base_mib": base, "peak_mib": peak_mib(), "extra_mib": peak_mib() - base,
+            "voxels": int(np.prod(shape)), "base_mib": base, "peak_mib": peak_rss_mib(), "extra_mib": peak_rss_mib() - base,
             "precision": "bf16" if seg.cpu_bf16 else "fp32"}
 
 
@@ -864,7 +1267,7 @@ def run_cost(work: Path, quick: bool, log) -> dict[str, list[dict]]:
             elif quick:
                 r = cost_row(kind, value, True)
             else:
-                r, failure = _child_row(["--cost-row", kind, value])
+                r, failure = in_child(cost_row, kind, value, False)
                 if r is None:
                     log(f"cost {kind} {value}: FAILED {failure}")
                     break
@@ -875,6 +1278,190 @@ def run_cost(work: Path, quick: bool, log) -> dict[str, list[dict]]:
             if kind == "size" and r.get("segment_s", 0) > STOP_SECONDS:
                 rows.setdefault("stopped", []).append({"after": value, "seconds": r["segment_s"]})
                 break
+    return rows
+
+
+# -- training speed on the CPU (issue 17) ---------------------------------------------------------------
+SPEED_NETS_FULL = (("tiny", 32), ("tiny", 48), ("iris-small", 48), ("iris-small", 32))
+STEP_REPEATS = 3  # passes over the step rows (one after another, so that a busy spell of the machine hits every row)
+SPEED_FULL = {
+    "step": [f"{net}@{crop}/{prec}/{layout}" for net, crop in SPEED_NETS_FULL for prec in ("fp32", "bf16")
+             for layout in ("contiguous", "channels-last")] * STEP_REPEATS,
+    "profile": ["iris-small@48/fp32", "iris-small@48/bf16"],
+    "loop": ["iris-small@48/0", "iris-small@48/1", "iris-small@48/0", "iris-small@48/1"],  # episode workers, alternated
+}
+SPEED_QUICK = {"step": ["tiny@16/fp32/contiguous", "tiny@16/bf16/channels-last"], "profile": ["tiny@16/bf16"],
+               "loop": ["tiny@16/0", "tiny@16/1"]}
+PROFILE_DATA_BATCHES = 10  # batches whose sampling time is averaged
+PROFILE_STEPS = 3  # timed steps after a first one
+LOOP_STEPS = 20  # timed steps of the real loop after LOOP_WARMUP
+LOOP_WARMUP = 2
+TOP_OPS = 8
+
+
+def speed_config(net: str, crop: int, quick: bool) -> BundleConfig:
+    """The network `net` (tiny or iris-small) with a prior input, `crop`³ training crops and windows; with `quick`
+    its training data are the synthetic collections."""
+    cfg = BundleConfig.load(CONFIGS / f"{net}.yaml")
+    model = replace(cfg.model, window=(crop,) * 3, prior_channels=cfg.model.prior_channels or PRIOR_CHANNELS)
+    tc = replace(cfg.training, crop=(crop,) * 3)
+    if quick:
+        tc = replace(tc, dataset_weights={"synA": 1.0, "synB": 1.0, "shapes": 0.0})
+    return replace(cfg, model=model, training=tc)
+
+
+def _speed_cases(quick: bool, packed: Path, cfg: BundleConfig) -> list[Case]:
+    """The episodes' source: the packed training set, as the product trains (synthetic with `quick`)."""
+    from IrisSegmentLib.training.data import load, without
+
+    return synthetic_cases("train") if quick else without(load(packed, "train"), cfg.training.holdout)
+
+
+def step_cost(spec: str, quick: bool) -> dict:
+    """'net@crop/precision/layout': parameters, CPU seconds per training step (median of ARCH_STEPS after a first)
+    and the peak memory of the steps, on a fixed batch of episodes with their priors (the cost depends on shapes)."""
+    from IrisSegmentLib.training.sampler import EpisodeSampler, collate
+
+    torch.set_num_threads(1)
+    net_crop, precision, layout = spec.split("/")
+    net, crop = net_crop.split("@")
+    cfg = speed_config(net, int(crop), True)  # synthetic episodes: the shapes are the product's
+    sampler = EpisodeSampler(synthetic_cases("train"), cfg.training, 0)
+    cl = layout == "channels-last"
+    batch = in_layout(collate([sampler.sample() for _ in range(cfg.training.batch_size)]), cl)
+    torch.manual_seed(0)
+    model = in_layout(build_iris(cfg.model), cl)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    base = reset_peak_rss()
+    times = step_seconds(model, opt, batch, precision == "bf16", 1 + (1 if quick else ARCH_STEPS))
+    return {"kind": "step", "spec": spec, "params": sum(p.numel() for p in model.parameters()),
+            "step_cpu_s": float(np.median(times[1:])), "peak_mib": peak_rss_mib() - base,
+            "batch": cfg.training.batch_size, "classes": int(batch["valid"].shape[1])}
+
+
+def _phases(model, opt, b: dict, bf16: bool) -> dict[str, float]:
+    """One training step as train.train_step does it, with the process CPU seconds of its phases."""
+    from IrisSegmentLib.training.losses import dice_bce
+
+    model.train()
+    out, c0 = {}, time.process_time()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        tokens = model.encode_task(b["ref_image"], b["ref_masks"])
+        logits = model.segment(b["query_image"], tokens, b["valid"], b.get("query_prior"))
+    loss = dice_bce(logits, b["query_masks"], b["valid"])
+    out["forward"], c0 = time.process_time() - c0, time.process_time()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    out["backward"], c0 = time.process_time() - c0, time.process_time()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    out["optimiser"] = time.process_time() - c0
+    return out
+
+
+def profile_step(spec: str, quick: bool, packed: Path) -> dict:
+    """'net@crop/precision': CPU seconds of sampling a batch (episodes of the training set, priors simulated) and of
+    the forward, backward and optimiser phases of a step on it (medians), train_step's own CPU seconds on the same
+    batch, and the top operators of one step by self CPU time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from IrisSegmentLib.training.sampler import EpisodeSampler
+
+    torch.set_num_threads(1)
+    net_crop, precision = spec.split("/")
+    net, crop = net_crop.split("@")
+    cfg = speed_config(net, int(crop), quick)
+    bf16 = precision == "bf16"
+    sampler = EpisodeSampler(_speed_cases(quick, packed, cfg), cfg.training, 0)
+    data, batch = [], None
+    for _ in range(2 if quick else PROFILE_DATA_BATCHES):
+        c0 = time.process_time()
+        b = sampler.batch(cfg.training.batch_size)
+        data.append(time.process_time() - c0)
+        batch = b if b["query_prior"] is not None else batch
+    batch = batch or sampler.batch(cfg.training.batch_size)
+    if batch["query_prior"] is None:  # every batch dropped its prior: the step with one is what is profiled
+        batch["query_prior"] = torch.zeros_like(batch["query_masks"])
+    torch.manual_seed(0)
+    model = build_iris(cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    n = 1 + (1 if quick else PROFILE_STEPS)
+    phases = [_phases(model, opt, batch, bf16) for _ in range(n)][1:]
+    whole = step_seconds(model, opt, batch, bf16, 1 if quick else PROFILE_STEPS)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step_seconds(model, opt, batch, bf16, 1)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return {"kind": "profile", "spec": spec, "data_s": float(np.median(data)),
+            **{k: float(np.median([p[k] for p in phases])) for k in phases[0]},
+            "train_step_s": float(np.median(whole)), "crop": int(crop), "batch": cfg.training.batch_size,
+            "top": [{"op": e.key, "self_pct": 100 * e.self_cpu_time_total / total, "calls": e.count} for e in events[:TOP_OPS]]}
+
+
+def real_loop(spec: str, quick: bool, packed: Path) -> dict:
+    """'net@crop/workers': the training loop's batches (episode_batches with that many workers) and steps
+    (train_step, bf16 where train.py uses it) for LOOP_STEPS steps after LOOP_WARMUP: wall seconds per step, the
+    main process's CPU seconds per step and the fraction of wall time spent waiting for a batch."""
+    from IrisSegmentLib.inference.runtime import cpu_autocast
+    from IrisSegmentLib.training.stream import episode_batches
+    from IrisSegmentLib.training.train import train_step
+
+    torch.set_num_threads(1)
+    net_crop, workers = spec.split("/")
+    net, crop = net_crop.split("@")
+    cfg = speed_config(net, int(crop), quick)
+    bf16 = cpu_autocast(cfg.inference.cpu_precision)
+    torch.manual_seed(0)
+    model = build_iris(cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = episode_batches(_speed_cases(quick, packed, cfg), cfg.training, 0, int(workers))
+    steps = 2 if quick else LOOP_STEPS
+    for i in range(LOOP_WARMUP + steps):
+        if i == LOOP_WARMUP:
+            w0, c0, waited = time.perf_counter(), time.process_time(), 0.0
+        t = time.perf_counter()
+        b = next(batches)
+        if i >= LOOP_WARMUP:
+            waited += time.perf_counter() - t
+        train_step(model, opt, b, 1e-3, 1.0, "cpu", bf16)
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    batches.close()
+    return {"kind": "loop", "spec": spec, "workers": int(workers), "steps": steps, "bf16": bf16,
+            "wall_s_per_step": wall / steps, "cpu_s_per_step": cpu / steps, "wait_fraction": waited / wall}
+
+
+def speed_row(kind: str, spec: str, quick: bool, packed: Path) -> dict:
+    if kind == "step":
+        return step_cost(spec, quick)
+    if kind == "profile":
+        return profile_step(spec, quick, packed)
+    return real_loop(spec, quick, packed)
+
+
+def _speed_file(work: Path, kind: str, i: int, spec: str) -> Path:
+    return work / "speed" / f"{kind}-{i}-{spec.replace('/', '_').replace('@', '-')}.json"
+
+
+def run_speed(work: Path, quick: bool, packed: Path, log, cached_only: bool = False) -> dict[str, list[dict]]:
+    """Every speed measurement, each in a fresh one-thread process (in-process with --quick); cached as JSON
+    under work/speed. `cached_only`: the ones made before, nothing run."""
+    rows: dict[str, list[dict]] = {}
+    for kind, specs in (SPEED_QUICK if quick else SPEED_FULL).items():
+        for i, spec in enumerate(specs):
+            f = _speed_file(work, kind, i, spec)
+            if f.is_file():
+                r = json.loads(f.read_text(encoding="utf-8"))
+            elif cached_only:
+                continue
+            else:
+                r, failure = (speed_row(kind, spec, True, packed), "") if quick else in_child(speed_row, kind, spec, False, packed)
+                if r is None:
+                    log(f"speed {kind} {spec}: FAILED {failure}")
+                    continue
+                f.parent.mkdir(parents=True, exist_ok=True)
+                f.write_text(json.dumps(r), encoding="utf-8")
+                log(f"speed {kind} {spec}: {json.dumps(r)}")
+            rows.setdefault(kind, []).append(r)
     return rows
 
 
@@ -1073,11 +1660,39 @@ def plots(summary: dict, cost: dict[str, list[dict]], fits: dict, docs: Path) ->
     return made
 
 
-def report(work: Path, seeds: list[int], mini: Mini, parts: list[str], cost: dict | None, docs: Path | None, log) -> str:
+ISSUE_11_PARTS = ("ablations", "sensitivity", "cost")
+SECTIONS = ("issue-11", "prior", "speed")  # the sections of docs/ablations.md, in this order
+DOCS_TITLE = "# Evidence for the design choices: ablations, sensitivity, cost (issue 11); the prior network, training speed (issue 17)"
+DOCS_INTRO = ("Generated by `python -m benchmarks.ablations` (what is compared and how: its docstring; the verdicts in "
+              "`docs/DESIGN.md` sections 2 and 3.2). Do not edit by hand: rerun, it resumes; a run rewrites the sections of "
+              "the parts it ran (each names its command) and keeps the others.")
+
+
+def _mark(name: str, end: bool = False) -> str:
+    return f"<!-- {'end of ' if end else ''}section: {name} -->"
+
+
+def write_docs(path: Path, sections: dict[str, str]) -> str:
+    """docs/ablations.md with `sections` replaced and the other sections kept from the file as it is (a file written
+    before the sections were marked is all issue 11's)."""
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    kept = {}
+    for name in SECTIONS:
+        if _mark(name) in old and _mark(name, True) in old:
+            kept[name] = old.split(_mark(name) + "\n", 1)[1].split("\n" + _mark(name, True), 1)[0]
+    if old.strip() and not kept:  # made by the default command of then, whose parts were issue 11's
+        kept["issue-11"] = (f"Made by `python -m benchmarks.ablations --parts {','.join(ISSUE_11_PARTS)}`.\n\n"
+                            + old.split("\n\n", 2)[2].strip())
+    kept.update(sections)
+    body = "\n\n".join(f"{_mark(n)}\n{kept[n].strip()}\n{_mark(n, True)}" for n in SECTIONS if n in kept)
+    text = f"{DOCS_TITLE}\n\n{DOCS_INTRO}\n\n{body}\n"
+    path.write_text(text, encoding="utf-8")
+    return text
+
+
+def issue_11_section(work: Path, seeds: list[int], header: str, cost: dict | None) -> tuple[str, dict, dict]:
+    """The nine gaps, the sensitivity grid and the cost rows; the summary and fits that the plots use."""
     ab_md, extra = tables(work, seeds)
-    header = (f"Mini-benchmark: tiny network, {mini.crop}³ crops, {mini.steps} steps, batch 2, seeds {','.join(map(str, seeds))}"
-              f"{' (QUICK: synthetic data, numbers mean nothing)' if mini.quick else ''}; CPU, 1 thread per run, "
-              f"shared machine: seconds are process CPU seconds, memory is peak resident memory.")
     md = [header, "", "## Ablations (the nine gaps)", "", ab_md, "", "## Sensitivity", "", extra["sensitivity_md"], ""]
     fits = {}
     if cost:
@@ -1088,15 +1703,36 @@ def report(work: Path, seeds: list[int], mini: Mini, parts: list[str], cost: dic
            f"- Runs of this grid not done: {', '.join(owed) if owed else 'none'}.",
            "- Everything on a GPU: larger budgets (the real iris-small, thousands of steps, the 12-collection training "
            "set) and GPU time and memory for the cost rows; this machine had no GPU for this issue.", ""]
-    text = "\n".join(md)
-    (work / "ablations.md").write_text(text)
+    return "\n".join(md), extra["summary"], fits
+
+
+def report(work: Path, seeds: list[int], mini: Mini, parts: list[str], cost: dict | None, speed: dict | None,
+           docs: Path | None, log, made_by: str) -> str:
+    """The sections of the parts run, printed, written to work/ablations.md and (with `docs`) into docs/ablations.md;
+    each starts with `made_by` (the command that made its runs)."""
+    header = (f"Mini-benchmark: tiny network, {mini.crop}³ crops, {mini.steps} steps, batch 2, seeds {','.join(map(str, seeds))}"
+              f"{' (QUICK: synthetic data, numbers mean nothing)' if mini.quick else ''}; CPU, 1 thread per run, "
+              f"shared machine: seconds are process CPU seconds, memory is peak resident memory.")
+    prior_header = (f"{header} Prior rows: prior_channels {PRIOR_CHANNELS}; the engine on up to "
+                    f"{', '.join(f'{v} {k}' for k, v in mini.prior_targets.items())} validation volumes (one per subject; "
+                    f"fewer where the split has fewer subjects: the pairs are counted below), one reference of another "
+                    f"subject each, localisation by registration without the self-Dice gate (no confidence pass: every "
+                    f"class gets the w mix).")
+    sections, summary, fits = {}, None, {}
+    if any(p in parts for p in ISSUE_11_PARTS):
+        text, summary, fits = issue_11_section(work, seeds, header, cost)
+        sections["issue-11"] = f"{made_by}\n\n{text}"
+    if "prior" in parts:
+        sections["prior"] = f"{made_by}\n\n{prior_header}\n\n{prior_section(work, seeds, mini)}"
+    if "speed" in parts:
+        sections["speed"] = f"{made_by}\n\n{prior_header}\n\n{speed_section(work, seeds, speed or {}, mini.quick)}"
+    text = "\n\n".join(sections.values())
+    (work / "ablations.md").write_text(text, encoding="utf-8")
     if docs is not None:
-        (docs / "ablations.md").write_text(
-            "# Evidence for the nine gap choices: ablations, sensitivity, cost (issue 11)\n\n"
-            "Generated by `python benchmarks/ablations.py` (what is compared and how: its docstring; the verdicts "
-            "per gap in `docs/DESIGN.md` section 2). Do not edit by hand: rerun, it resumes.\n\n" + text)
-        made = plots(extra["summary"], cost or {}, fits, docs)
-        log("plots: " + ", ".join(str(p) for p in made))
+        write_docs(docs / "ablations.md", sections)
+        if summary is not None:
+            made = plots(summary, cost or {}, fits, docs)
+            log("plots: " + ", ".join(str(p) for p in made))
     return text
 
 
@@ -1108,25 +1744,12 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=Mini.steps)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--parts", default="ablations,sensitivity,cost")
+    ap.add_argument("--parts", default="ablations,sensitivity,cost,prior,speed")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="write the tables from the runs done so far")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--child-seed", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--cost-row", nargs=2, help=argparse.SUPPRESS)
-    ap.add_argument("--arch-cost", help=argparse.SUPPRESS)
     a = ap.parse_args()
     mini = QUICK if a.quick else replace(Mini(), steps=a.steps)
     work = Path(a.work) if a.work else (Path(tempfile.mkdtemp(prefix="ablations-quick-")) if a.quick else ROOT / "runs" / "ablations")
-    if a.cost_row:
-        print(json.dumps(cost_row(*a.cost_row, quick=a.quick)))
-        return 0
-    if a.arch_cost:
-        print(json.dumps(arch_cost(a.arch_cost, mini)))
-        return 0
-    if a.child:
-        child_main(a.child, a.child_seed, mini, Path(a.data), work)
-        return 0
     torch.set_num_threads(1)
     work.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in a.seeds.split(",")] if not a.quick else [0, 1]
@@ -1139,15 +1762,17 @@ def main() -> int:
         logf.write(line + "\n")
         logf.flush()
 
+    speed = run_speed(work, a.quick, Path(a.data), log, cached_only=a.report_only) if "speed" in parts else None
     if not a.report_only:
-        if "ablations" in parts or "sensitivity" in parts:
-            run_arch_costs(work, mini, log)
+        run_arch_costs(work, mini, log, trained_variants(parts))
         run_all(todo(parts, seeds), mini, Path(a.data), work, a.jobs, log)
     cost = None
     if "cost" in parts:
         cost = run_cost(work, a.quick, log) if not a.report_only else _cached_cost(work)
     docs = Path(a.docs) if a.docs else (None if a.quick else ROOT / "docs")
-    print(report(work, seeds, mini, parts, cost, docs, log))
+    command = " ".join(["python -m benchmarks.ablations", *(x for x in sys.argv[1:] if x != "--report-only")])
+    made_by = f"Made by `{command}`" + (" (tables rewritten from its cached runs with `--report-only`)." if a.report_only else ".")
+    print(report(work, seeds, mini, parts, cost, speed, docs, log, made_by))
     return 0
 
 

@@ -16,14 +16,13 @@ the first la2018 training case (image and label map) as the reference, with the 
 --quick: 4 small synthetic studies and the tiny test network with random weights, to check the machinery in about
 half a minute (mostly process starts); its numbers mean nothing.
 
-    python benchmarks/batch.py [--data ../shared/data] [--workers N] [--device cpu|cuda] [--quick] [--json out.json]
+    python -m benchmarks.batch [--data ../shared/data] [--workers N] [--device cpu|cuda] [--quick] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -33,9 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from IrisSegmentLib.cohort.cluster import available_cores  # noqa: E402
+from IrisSegmentLib.cohort.cluster import available_cores
+from IrisSegmentLib.training.pause import paused_training
+from benchmarks.common import CONFIGS, DATA, ROOT, command
+from benchmarks.common.processes import cpu_model
+from benchmarks.common.tables import fmt
 
 QUICK_STUDIES = 4
 CLI = [sys.executable, "-m", "IrisSegmentLib.cli"]
@@ -86,13 +87,13 @@ def quick_cohort(work: Path) -> dict:
     import torch
 
     from IrisSegmentLib.config import BundleConfig
-    from IrisSegmentLib.model import IrisModel
+    from IrisSegmentLib.model import build_iris
     from IrisSegmentLib.weights import save_model
 
-    cfg = BundleConfig.load(ROOT / "Resources" / "Configs" / "tiny.yaml")
+    cfg = BundleConfig.load(CONFIGS / "tiny.yaml")
     cfg = dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference, threshold=0.0))
     torch.manual_seed(0)
-    save_model(IrisModel(cfg.model).eval(), cfg, work / "model", info={"note": "random weights (benchmarks/batch.py --quick)"})
+    save_model(build_iris(cfg.model).eval(), cfg, work / "model", info={"note": "random weights (python -m benchmarks.batch --quick)"})
     rng = np.random.default_rng(0)
     aff = np.diag([1.5, 1.5, 2.0, 1.0])
     grid = np.stack(np.meshgrid(*(np.arange(n) for n in (24, 22, 14)), indexing="ij"), -1)
@@ -165,10 +166,6 @@ def same_maps(a: Path, b: Path, studies: list[Path]) -> int:
 
 
 # -- report ---------------------------------------------------------------------------------------------------------
-def fmt(v, spec: str) -> str:
-    return "—" if v is None else format(v, spec)
-
-
 def table(rows: list[Row]) -> str:
     loop = rows[0].seconds
     lines = ["| row | studies | seconds | studies/min | ratio vs loop |", "|---|---|---|---|---|"]
@@ -181,17 +178,13 @@ def table(rows: list[Row]) -> str:
 
 
 def caption(args, cohort: dict, rows: list[Row], cores: int, load: tuple[float, float]) -> str:
-    import platform
-
     import torch
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor() or "CPU") if Path("/proc/cpuinfo").exists() else "CPU"
     same = "; ".join(f"--workers {r.workers}: {r.identical} of {r.studies}" for r in rows if r.workers is not None)
     busy = max(load) > cores + 0.5
     return "\n\n".join([
-        f"Command: `python {shlex.join(['benchmarks/batch.py', *sys.argv[1:]])}`",
-        f"Device: {args.device}; {cpu} ({cores} cores); torch {torch.__version__}; load average (1 min) {load[0]:.1f} before, "
+        f"Command: `{command('benchmarks.batch')}`",
+        f"Device: {args.device}; {cpu_model()} ({cores} cores); torch {torch.__version__}; load average (1 min) {load[0]:.1f} before, "
         f"{load[1]:.1f} after" + (": other jobs shared the CPU, the times are contended." if busy else "."),
         f"Cohort: {cohort['description']}. Model: " + ("the bundled iris-small." if cohort["model"] is None else
                                                        "the tiny test network with random weights (--quick: numbers mean nothing)."),
@@ -204,7 +197,7 @@ def caption(args, cohort: dict, rows: list[Row], cores: int, load: tuple[float, 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--workers", type=int, default=None,
                     help="workers of the last row (default: one per core, at least 2; with --device cuda one per GPU)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -221,7 +214,7 @@ def main() -> int:
     env = {**os.environ, "OMP_NUM_THREADS": str(cores), "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "PYTHONWARNINGS": "ignore"}
     load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="iris-batch-bench-") as tmp:
+    with paused_training(lambda m: print(m, file=sys.stderr)), tempfile.TemporaryDirectory(prefix="iris-batch-bench-") as tmp:
         work = Path(tmp)
         cohort = quick_cohort(work) if args.quick else real_cohort(args.data, work)
         rows = [run_loop(cohort, work / "loop", args.device, env, cores)]

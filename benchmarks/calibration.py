@@ -1,7 +1,7 @@
-"""The calibration table of `accuracy.py --tables calibration`: how well the per-segment confidence
+"""The calibration table of `python -m benchmarks.accuracy --tables calibration`: how well the per-segment confidence
 (IrisSegmentLib/inference/confidence.py) predicts the true Dice, and what it costs.
 
-Pairs: every validation query of accuracy.py's query order (as far as the time budget goes), each with
+Pairs: every validation query in query order (`common/cases.py`) (as far as the time budget goes), each with
 its next `references` references of other subjects ("right" pairs), and one "wrong" pair: a reference
 of another dataset whose structures stand in for the query's (its first structure for the query's
 first, ...), the mistake of picking the wrong reference segments. Each segment gives the features and
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-import accuracy
 from IrisSegmentLib import Segmenter
 from IrisSegmentLib.inference.confidence import CALIBRATION_FILE, Calibration
 from IrisSegmentLib.io import file_sha256
+from benchmarks.common.cases import LABELS, Log, Volume, cases, load_case, query_order, reference_indices, scores
 
 FOLDS = 5
 
@@ -45,7 +45,7 @@ def spearman(x, y) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def _apply(seg: Segmenter, ref: accuracy.Volume, qry: accuracy.Volume, labels: list[int], confidence: bool, options: dict):
+def _apply(seg: Segmenter, ref: Volume, qry: Volume, labels: list[int], confidence: bool, options: dict):
     t0 = time.perf_counter()
     task = seg.encode(ref[0], ref[1], ref[2], labels=labels, confidence=confidence)
     res = seg.segment(qry[0], qry[1], task, confidence=confidence, **options)
@@ -53,34 +53,34 @@ def _apply(seg: Segmenter, ref: accuracy.Volume, qry: accuracy.Volume, labels: l
 
 
 def collect(seg: Segmenter, root: Path, datasets: list[str], references: int, minutes: float | None, options: dict,
-            log: accuracy.Log = lambda m: None) -> dict:
+            log: Log = lambda m: None) -> dict:
     """Rows (one per segment: dataset, query, reference, kind, label, features, dice) and Apply seconds
     with / without the confidence."""
     rows, timing = [], []
     for d_i, ds in enumerate(datasets):
-        items = accuracy.cases(root, ds)
+        items = cases(root, ds)
         other = datasets[(d_i + 1) % len(datasets)]
-        others = accuracy.cases(root, other) if other != ds else []
-        labels = sorted(accuracy.LABELS[ds])
-        cache: dict[tuple[str, int], accuracy.Volume] = {}
+        others = cases(root, other) if other != ds else []
+        labels = sorted(LABELS[ds])
+        cache: dict[tuple[str, int], Volume] = {}
 
-        def volume(name: str, i: int) -> accuracy.Volume:
+        def volume(name: str, i: int) -> Volume:
             if (name, i) not in cache:
-                cache[(name, i)] = accuracy.load_case((items if name == ds else others)[i])
+                cache[(name, i)] = load_case((items if name == ds else others)[i])
             return cache[(name, i)]
 
         t_start = time.perf_counter()
-        for n, qi in enumerate(accuracy.query_order(items)):
+        for n, qi in enumerate(query_order(items)):
             if minutes and time.perf_counter() - t_start > minutes * 60:
                 break
             qry = volume(ds, qi)
-            pairs = [("right", ds, r) for r in accuracy.reference_indices(items, qi, references)]
+            pairs = [("right", ds, r) for r in reference_indices(items, qi, references)]
             if others:
                 pairs.append(("wrong", other, n % len(others)))
             for j, (kind, name, ri) in enumerate(pairs):
                 ref = volume(name, ri)
                 if kind == "wrong":  # the other dataset's structures, in order, stand in for this one's
-                    src = sorted(v for v in accuracy.LABELS[name] if (ref[2] == v).any())[: len(labels)]
+                    src = sorted(v for v in LABELS[name] if (ref[2] == v).any())[: len(labels)]
                     lab = np.zeros_like(ref[2])
                     for a, b in zip(src, labels):
                         lab[ref[2] == a] = b
@@ -95,7 +95,7 @@ def collect(seg: Segmenter, root: Path, datasets: list[str], references: int, mi
                     if not n % 2:
                         without_s = _apply(seg, ref, qry, present, False, options)[1]
                     timing.append((ds, with_s, without_s))
-                truth = accuracy.scores(res.label_map, qry[2], present)
+                truth = scores(res.label_map, qry[2], present)
                 for v, d in truth.items():
                     rows.append({"dataset": ds, "query": items[qi].id, "reference": f"{name}/{ri}", "kind": kind, "label": v,
                                  "features": res.confidence_features[v], "dice": d, "estimated": res.confidence.get(v)})
@@ -152,7 +152,7 @@ def cost_line(collected: dict) -> str:
         w, wo = sum(t[1] for t in timing if t[0] == ds), sum(t[2] for t in timing if t[0] == ds)
         parts.append(f"{ds} x{w / wo:.2f} ({wo / sum(t[0] == ds for t in timing):.1f} s per Apply without)")
     w, wo = sum(t[1] for t in timing), sum(t[2] for t in timing)
-    return (f"Cost of the confidence: Apply (encode + segment) with it against without, first pair of each query: "
+    return ("Cost of the confidence: Apply (encode + segment) with it against without, first pair of each query: "
             + "; ".join(parts) + f"; all {len(timing)} pairs x{w / wo:.2f}.")
 
 

@@ -1,5 +1,5 @@
-"""The generalisation table of `accuracy.py --generalisation`: one-shot Dice where the model meets
-something it was not trained on, against the same pairs without that shift and against registration.
+"""The generalisation table of `python -m benchmarks.accuracy --tables generalisation`: one-shot Dice where the
+model meets something it was not trained on, against the same pairs without that shift and against registration.
 
 - Unseen classes: the structures that a held-out model (trained with them set to background in every
   training label map, `training.holdout`, or without their collection, weight 0) segments from one
@@ -9,7 +9,7 @@ something it was not trained on, against the same pairs without that shift and a
 - Unseen site/geometry: the query resliced to another voxel size, slice thickness, orientation and
   field of view (`shifts.GEOMETRY`), the reference as it is; Dice on the query's new grid.
 
-Pairs: per dataset the first `pairs` queries of accuracy.py's query order, each with its first
+Pairs: per dataset the first `pairs` queries in query order (`common/cases.py`), each with its first
 reference (another subject). Registration (`registration.py`) runs on exactly the shifted pairs.
 """
 from __future__ import annotations
@@ -20,13 +20,12 @@ from typing import Callable
 
 import numpy as np
 
-import accuracy
-import shifts
-from registration import register_and_warp
 from IrisSegmentLib import Segmenter
 from IrisSegmentLib.config import TrainingConfig
+from benchmarks import shifts
+from benchmarks.common.cases import LABELS, Log, Volume, cases, load_case, query_order, reference_indices, render_seed, scores
+from benchmarks.registration import register_and_warp
 
-Volume = accuracy.Volume
 EXTRA_NAMES = {"brain": {53: "R hippocampus", 18: "L amygdala", 54: "R amygdala"}}
 MODALITY_DATASETS = ("la2018", "hippocampus", "acdc")
 GEOMETRY_DATASETS = ("la2018", "hippocampus")
@@ -34,15 +33,15 @@ TARGETS = {"unseen_mean": 0.55, "unseen_gap": 0.20, "contrast_cost": 0.05}
 
 
 def structure_name(dataset: str, value: int) -> str:
-    return {**accuracy.LABELS.get(dataset, {}), **EXTRA_NAMES.get(dataset, {})}.get(value, str(value))
+    return {**LABELS.get(dataset, {}), **EXTRA_NAMES.get(dataset, {})}.get(value, str(value))
 
 
 def unseen_structures(training: TrainingConfig) -> dict[str, list[int]]:
     """Per validation dataset, the structures a model trained with `training` never saw."""
     out = {}
-    for ds in accuracy.LABELS:
+    for ds in LABELS:
         if training.dataset_weights.get(ds, 1.0) == 0:
-            out[ds] = sorted(accuracy.LABELS[ds])
+            out[ds] = sorted(LABELS[ds])
         elif training.holdout.get(ds):
             out[ds] = sorted(int(v) for v in training.holdout[ds])
     return out
@@ -53,13 +52,13 @@ class Pairs:
 
     def __init__(self, root: Path, dataset: str, n: int):
         self.dataset = dataset
-        self.items = accuracy.cases(root, dataset)
-        self.pairs = [(qi, accuracy.reference_indices(self.items, qi, 1)[0]) for qi in accuracy.query_order(self.items)[:n]]
+        self.items = cases(root, dataset)
+        self.pairs = [(qi, reference_indices(self.items, qi, 1)[0]) for qi in query_order(self.items)[:n]]
         self._cache: dict[int, Volume] = {}
 
     def volume(self, i: int) -> Volume:
         if i not in self._cache:
-            self._cache[i] = accuracy.load_case(self.items[i])
+            self._cache[i] = load_case(self.items[i])
         return self._cache[i]
 
     def ids(self, qi: int, ri: int) -> tuple[str, str]:
@@ -72,25 +71,25 @@ def one_shot(seg: Segmenter, ref: Volume, qry: Volume, labels: list[int], option
     if not labels:
         return {}
     task = seg.encode(ref[0], ref[1], ref[2], labels=labels)
-    return accuracy.scores(seg.segment(qry[0], qry[1], task, **options).label_map, qry[2], labels)
+    return scores(seg.segment(qry[0], qry[1], task, **options).label_map, qry[2], labels)
 
 
 def registered(ref: Volume, qry: Volume, labels: list[int]) -> dict[int, float]:
     labels = [v for v in labels if (ref[2] == v).any()]
     warped, _ = register_and_warp(ref[0], ref[1], ref[2], qry[0], qry[1])
-    return accuracy.scores(warped, qry[2], labels)
+    return scores(warped, qry[2], labels)
 
 
 def contrast(volume: Volume, shift: Callable, case_id: str) -> Volume:
     image, affine, label = volume
-    return shift(image, label, accuracy.render_seed(case_id)), affine, label
+    return shift(image, label, render_seed(case_id)), affine, label
 
 
 SECTIONS = ("unseen classes", "unseen modality", "unseen site/geometry")
 
 
 def evaluate(seg: Segmenter, held: Segmenter | None, root: Path, pairs: int, options: dict,
-             registration: bool = True, log: accuracy.Log = lambda m: None, sections=SECTIONS) -> list[dict]:
+             registration: bool = True, log: Log = lambda m: None, sections=SECTIONS) -> list[dict]:
     """One record per (section, dataset, shift, pair): Dice per structure of each column."""
     records = []
 
@@ -128,7 +127,7 @@ def evaluate(seg: Segmenter, held: Segmenter | None, root: Path, pairs: int, opt
             if ds not in loaded:
                 loaded[ds] = Pairs(root, ds, pairs)
             p = loaded[ds]
-            labels = sorted(accuracy.LABELS[ds])
+            labels = sorted(LABELS[ds])
             for qi, ri in p.pairs:
                 if (ds, qi, ri) not in baselines:
                     baselines[(ds, qi, ri)] = one_shot(seg, p.volume(ri), p.volume(qi), labels, options)

@@ -1,7 +1,7 @@
 """Peak host memory of `Segmenter.segment` for targets of increasing size, on the CPU.
 
 Each measurement runs in a fresh Python process and reads its peak resident set size
-(resource.getrusage ru_maxrss) at three points: after loading the network, encoding a small
+(VmHWM) at three points: after loading the network, encoding a small
 reference and segmenting that small volume once ("base": Python, torch, the network and its working
 memory), after building the target array, and after segmenting it ("peak").
 The network is randomly initialised from a seed (the tiny test config by default, or the product
@@ -18,23 +18,19 @@ every class's probabilities to the full target grid as float32 and took the arg-
 the engine's public stages (`prepare`, `probabilities`, the confidence features) as `segment` does, and
 then this function in place of the engine's streamed `labelmap.to_label_map`: the engine is not patched.
 
-    python benchmarks/memory.py [--config tiny|iris-small] [--sizes 128x128x128,...] [--baseline]
+    python -m benchmarks.memory [--config tiny|iris-small] [--sizes 128x128x128,...] [--baseline]
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchmarks.common import CONFIGS
+from benchmarks.common.processes import ChildFailed, peak_rss_mib, run_child
 
 # shape -> spacing (mm); the 5 mm case is upsampled along k on the working grid
 SIZES = {
@@ -45,10 +41,6 @@ SIZES = {
     "1024x1024x800": (0.4, 0.4, 0.5),
 }
 MIB = 2**20
-
-
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MIB  # ru_maxrss is in KiB on Linux
 
 
 def full_volume_label_map(probs, grid, labels, threshold):
@@ -111,17 +103,18 @@ def target(shape, spacing) -> tuple[np.ndarray, np.ndarray]:
     return image, affine
 
 
-def child(size: str, config: str, impl: str, classes: int) -> dict:
+def measure(size: str, config: str, impl: str, classes: int) -> dict:
+    """One row, in a fresh process: peak memory after loading, with the target, after segmenting it."""
     import torch
 
     torch.set_num_threads(1)
     from IrisSegmentLib.config import BundleConfig
     from IrisSegmentLib.inference.segmenter import Segmenter
-    from IrisSegmentLib.model import IrisModel
+    from IrisSegmentLib.model import build_iris
 
-    cfg = BundleConfig.load(ROOT / "Resources" / "Configs" / f"{config}.yaml")
+    cfg = BundleConfig.load(CONFIGS / f"{config}.yaml")
     torch.manual_seed(0)
-    seg = Segmenter(IrisModel(cfg.model), cfg, "cpu")
+    seg = Segmenter(build_iris(cfg.model), cfg, "cpu")
     # a small reference with `classes` structures
     ref = np.full((48, 48, 48), 100, np.int16)
     lab = np.zeros(ref.shape, np.uint8)
@@ -131,10 +124,10 @@ def child(size: str, config: str, impl: str, classes: int) -> dict:
     task = seg.encode(ref, np.diag([1.5, 1.5, 1.5, 1.0]), lab)
     segment = segment_full_volume if impl == "full" else segment_streamed
     segment(seg, ref, np.diag([1.5, 1.5, 1.5, 1.0]), task)  # warm-up: the network's working memory is in `base`
-    base = rss_mib()
+    base = peak_rss_mib()
     shape = tuple(int(n) for n in size.split("x"))
     image, affine = target(shape, SIZES.get(size, (1.0, 1.0, 1.0)))
-    with_input = rss_mib()
+    with_input = peak_rss_mib()
     t0 = time.perf_counter()
     label_map, windows = segment(seg, image, affine, task)
     seconds = time.perf_counter() - t0
@@ -142,7 +135,7 @@ def child(size: str, config: str, impl: str, classes: int) -> dict:
 
     grid = WorkingGrid.create(shape, affine, cfg.model.spacing)
     return {"size": size, "impl": impl, "config": config, "classes": classes, "input_mib": image.nbytes / MIB,
-            "base_mib": base, "with_input_mib": with_input, "peak_mib": rss_mib(), "seconds": seconds,
+            "base_mib": base, "with_input_mib": with_input, "peak_mib": peak_rss_mib(), "seconds": seconds,
             "windows": windows, "working": "x".join(map(str, grid.working_shape)),
             "labelled": int(np.count_nonzero(label_map))}
 
@@ -155,12 +148,12 @@ def available_mib() -> float:
 
 
 def run(size: str, config: str, impl: str, classes: int) -> dict | None:
-    cmd = [sys.executable, __file__, "--child", size, "--config", config, "--impl", impl, "--classes", str(classes)]
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if p.returncode != 0:
-        print(f"# {size} {impl}: failed (exit {p.returncode}): {p.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+    """`measure` in a fresh process; None (and why, on stderr) where it failed."""
+    try:
+        return run_child(measure, size, config, impl, classes)
+    except ChildFailed as e:
+        print(f"# {size} {impl}: failed ({e})", file=sys.stderr)
         return None
-    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
@@ -169,14 +162,9 @@ def main() -> int:
     ap.add_argument("--sizes", default=",".join(SIZES))
     ap.add_argument("--classes", type=int, default=2)
     ap.add_argument("--baseline", action="store_true", help="also measure the previous full-volume label map")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--impl", default="streamed", choices=["streamed", "full"], help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.child:
-        print(json.dumps(child(a.child, a.config, a.impl, a.classes)))
-        return 0
     print(f"config {a.config} (random weights), {a.classes} classes, CPU, 1 thread; MiB = 2^20 bytes; "
-          "peak = ru_maxrss of a fresh process; base = that process after loading the network and segmenting a 48^3 volume once\n")
+          "peak = VmHWM of a fresh process; base = that process after loading the network and segmenting a 48^3 volume once\n")
     print("| target (int16) | spacing mm | working grid | windows | input MiB | base MiB | peak MiB | (peak-base)/input | baseline peak MiB | baseline (peak-base)/input | s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     last_full_ratio = None

@@ -7,7 +7,7 @@ with a bounded number of iterations. B-spline coefficients are bounded to 0.4 no
 rules out folding (unbounded, one LA pair in six runs diverged to Dice 0). The reference label map is
 warped onto the query's own full-resolution grid (nearest neighbour).
 
-    python benchmarks/registration.py [--datasets la2018,hippocampus,acdc,btcv] [--pairs 2]
+    python -m benchmarks.registration [--datasets la2018,hippocampus,acdc,btcv] [--pairs 2]
 
 prints this baseline against the engine's own registration (Greedy, `inference/localise.py`) on the same pairs:
 the measurement behind the engine's choice of registration (docs/DESIGN.md section 2.10)."""
@@ -16,6 +16,11 @@ from __future__ import annotations
 import time
 
 import numpy as np
+
+from IrisSegmentLib.inference.body import crop_affine
+from benchmarks import wholescan
+from benchmarks.common import DATA, command
+from benchmarks.common.cases import LABELS, cases, load_case, query_order, reference_indices, scores
 
 SEED = 1  # metric sampling seed; SimpleITK's 0 would mean the wall clock, a different sample every run
 
@@ -109,27 +114,49 @@ def set_threads(n: int) -> None:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
 
 
+CHECK_PAIRS = [("la2018", "la2018"), ("hippocampus", "hippocampus"), ("acdc", "acdc"), ("btcv", "btcv"), ("brain", "brain"),
+               ("hippocampus", "la2018"), ("la2018", "hippocampus"), ("la2018", "btcv"), ("brain", "btcv"), ("acdc", "la2018"),
+               ("btcv", "la2018"), ("brain", "la2018"), ("acdc", "btcv")]
+
+
+def checks(seg, root, log=lambda m: None) -> list[dict]:
+    """The engine's failure checks on right pairs (reference and target of one dataset) and wrong ones (another
+    body region): per pair the image similarity near the structures, the share of the reference structures in the
+    target's field of view, and whether the engine took the registration (else the warning it gave)."""
+    rows = []
+    for ref_ds, target_ds in CHECK_PAIRS:
+        targets, refs = cases(root, target_ds), cases(root, ref_ds)
+        qi = query_order(targets)[0]
+        ri = reference_indices(refs, qi, 1)[0] if ref_ds == target_ds else query_order(refs)[0]
+        ref, qry = load_case(refs[ri]), load_case(targets[qi])
+        task = seg.encode(*ref, labels=[v for v in LABELS[ref_ds] if (ref[2] == v).any()], confidence=False)
+        box = seg.body(qry[0], qry[1])
+        loc = seg.localise(seg.prepare(qry[0][box], crop_affine(qry[1], box)), task, "registration")
+        rows.append({"pair": f"{ref_ds} -> {target_ds}", "similarity": loc.similarity[0] if loc.similarity else float("nan"),
+                     "inside": loc.inside[0] if loc.inside else float("nan"), "taken": loc.method == "registration",
+                     "warning": next((w for w in loc.warnings if w.startswith("reference")), "")})
+        log(f"checks {rows[-1]}")
+    return rows
+
+
 def compare(seg, root, datasets: list[str], pairs: int, log=lambda m: None) -> list[dict]:
     """The engine's Greedy registration (`wholescan.registration_alone`) and this SimpleITK baseline on the same
     (query, first reference) pairs: Dice per pair (mean over the query's structures) and seconds."""
-    import accuracy
-    import wholescan
-
     rows = []
     for ds in datasets:
-        items = accuracy.cases(root, ds)
-        for qi in accuracy.query_order(items)[:pairs]:
-            ri = accuracy.reference_indices(items, qi, 1)[0]
-            ref, qry = accuracy.load_case(items[ri]), accuracy.load_case(items[qi])
-            labels = [v for v in accuracy.LABELS[ds] if (ref[2] == v).any()]
+        items = cases(root, ds)
+        for qi in query_order(items)[:pairs]:
+            ri = reference_indices(items, qi, 1)[0]
+            ref, qry = load_case(items[ri]), load_case(items[qi])
+            labels = [v for v in LABELS[ds] if (ref[2] == v).any()]
             task = seg.encode(*ref, labels=labels, confidence=False)
             t0 = time.perf_counter()
             greedy = wholescan.registration_alone(seg, task, qry)
             t_greedy = time.perf_counter() - t0
             warped, t_sitk = register_and_warp(ref[0], ref[1], ref[2], qry[0], qry[1])
             row = {"dataset": ds, "query": items[qi].id,
-                   "Greedy (engine)": (float(np.mean(list(accuracy.scores(greedy, qry[2], labels).values()))), t_greedy),
-                   "SimpleITK B-spline": (float(np.mean(list(accuracy.scores(warped, qry[2], labels).values()))), t_sitk)}
+                   "Greedy (engine)": (float(np.mean(list(scores(greedy, qry[2], labels).values()))), t_greedy),
+                   "SimpleITK B-spline": (float(np.mean(list(scores(warped, qry[2], labels).values()))), t_sitk)}
             rows.append(row)
             log(f"{ds} {items[qi].id}: " + ", ".join(f"{k} {v[0]:.3f} ({v[1]:.1f} s)" for k, v in row.items() if isinstance(v, tuple)))
     return rows
@@ -138,7 +165,6 @@ def compare(seg, root, datasets: list[str], pairs: int, log=lambda m: None) -> l
 def main() -> None:
     """Table: the engine's registration against the SimpleITK baseline, Dice and seconds per pair."""
     import argparse
-    import shlex
     import sys
     from pathlib import Path
 
@@ -147,14 +173,27 @@ def main() -> None:
     from IrisSegmentLib import Segmenter
 
     ap = argparse.ArgumentParser(description=compare.__doc__)
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--datasets", default="la2018,hippocampus,acdc,btcv")
     ap.add_argument("--pairs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--checks", action="store_true", help="the failure-check table on right and wrong (other body region) pairs "
+                                                          "instead of the comparison with SimpleITK")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     set_threads(a.threads)
-    rows = compare(Segmenter.load(device="cpu"), Path(a.data), a.datasets.split(","), a.pairs, lambda m: print(m, file=sys.stderr))
+    if a.checks:
+        rows = checks(Segmenter.load(device="cpu"), Path(a.data), lambda m: print(m, file=sys.stderr))
+        print("| reference -> target | similarity near the structures | inside the target's field of view | taken |")
+        print("|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['pair']} | {r['similarity']:.2f} | {r['inside']:.2f} | {'yes' if r['taken'] else 'no: ' + r['warning'].split(': ', 1)[-1]} |")
+        print(f"\nCommand: `{command('benchmarks.registration')}`.")
+        return
+    from IrisSegmentLib.training.pause import paused_training
+
+    with paused_training(lambda m: print(m, file=sys.stderr)):
+        rows = compare(Segmenter.load(device="cpu"), Path(a.data), a.datasets.split(","), a.pairs, lambda m: print(m, file=sys.stderr))
     engines = ("Greedy (engine)", "SimpleITK B-spline")
     print("| dataset | " + " | ".join(f"{e} Dice | {e} s/pair" for e in engines) + " | pairs |")
     print("|---|" + "---|" * (2 * len(engines) + 1))
@@ -162,7 +201,7 @@ def main() -> None:
         rs = [r for r in rows if r["dataset"] == ds]
         cells = [f"{np.mean([r[e][i] for r in rs]):.3f}" if i == 0 else f"{np.mean([r[e][i] for r in rs]):.1f}" for e in engines for i in (0, 1)]
         print(f"| {ds} | " + " | ".join(cells) + f" | {len(rs)} |")
-    print(f"\nCommand: `python benchmarks/registration.py {shlex.join(sys.argv[1:])}` (threads {a.threads}).")
+    print(f"\nCommand: `{command('benchmarks.registration')}` (threads {a.threads}).")
 
 
 if __name__ == "__main__":

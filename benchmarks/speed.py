@@ -38,7 +38,7 @@ IrisSegment full, the speed-up over MONAI, and the floor: the network's FLOPs fo
 (torch.utils.flop_counter on one window) over the device's peak measured in the same run (the best of
 a large matmul and a conv3d in the network's dtype), and how many times the floor the row took.
 
-    python benchmarks/speed.py [--device auto|cpu|cuda] [--runs 3] [--scenarios 1,2,3] [--rows localised,full,...]
+    python -m benchmarks.speed [--device auto|cpu|cuda] [--runs 3] [--scenarios 1,2,3] [--rows localised,full,...]
         [--threads N] [--per-class-windows N] [--quick] [--data ../shared/data] [--json results.json]
 
 --quick: small volumes, the tiny test config with random weights: checks the machinery in about a
@@ -50,9 +50,7 @@ import argparse
 import importlib.util
 import json
 import os
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,15 +62,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from IrisSegmentLib import Segmenter, TaskEmbedding  # noqa: E402
-from IrisSegmentLib.config import BundleConfig  # noqa: E402
-from IrisSegmentLib.inference.geometry import WorkingGrid, spacing_of  # noqa: E402
-from IrisSegmentLib.inference.labelmap import to_label_map  # noqa: E402
-from IrisSegmentLib.inference.runtime import resolve_device  # noqa: E402
-from IrisSegmentLib.inference.windows import pad_to_window, tile  # noqa: E402
-from IrisSegmentLib.model import IrisModel  # noqa: E402
+from IrisSegmentLib import Segmenter, TaskEmbedding
+from IrisSegmentLib.config import BundleConfig
+from IrisSegmentLib.inference.geometry import WorkingGrid, spacing_of
+from IrisSegmentLib.inference.labelmap import to_label_map
+from IrisSegmentLib.inference.runtime import resolve_device
+from IrisSegmentLib.inference.windows import pad_to_window, tile
+from IrisSegmentLib.model import build_iris
+from IrisSegmentLib.training.pause import paused_training
+from benchmarks.common import CONFIGS, DATA, ROOT, command
+from benchmarks.common.processes import ChildFailed, cpu_model, peak_rss_mib, run_child
+from benchmarks.common.tables import fmt
 
 MIB = 2**20
 ORGANS = {1: "spleen", 2: "R kidney", 3: "L kidney", 4: "gallbladder", 5: "esophagus", 6: "liver", 7: "stomach",
@@ -213,9 +213,9 @@ def stack(cases: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, n
 def load_segmenter(sizes: Sizes, device: str) -> Segmenter:
     if sizes.config is None:
         return Segmenter.load(None, device)
-    cfg = BundleConfig.load(ROOT / "Resources" / "Configs" / f"{sizes.config}.yaml")
+    cfg = BundleConfig.load(CONFIGS / f"{sizes.config}.yaml")
     torch.manual_seed(0)
-    return Segmenter(IrisModel(cfg.model), cfg, device)
+    return Segmenter(build_iris(cfg.model), cfg, device)
 
 
 class PerClass:
@@ -307,14 +307,6 @@ def code_version() -> str:
     files = [*(ROOT / "IrisSegmentLib").rglob("*.py"), *(ROOT / "Resources" / "Configs").glob("*.yaml"),
              *(ROOT / "Resources" / "Models").rglob("*.*")]
     return hashlib.sha1(b"".join(f.read_bytes() for f in sorted(files))).hexdigest()[:10]
-
-
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process: VmHWM, because ru_maxrss keeps the parent's peak across exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024  # kB
-    raise OSError("no VmHWM in /proc/self/status: peak host memory is measured on Linux only")
 
 
 def centre_crop(image: np.ndarray, affine: np.ndarray, seg: Segmenter) -> np.ndarray:
@@ -429,28 +421,16 @@ def measure_peak(spec: dict) -> dict:
         rates = {f"matmul {n}^2": best_rate(lambda: a @ b, 2.0 * n**3, device, reps),
                  f"conv3d 64ch {edge}^3": best_rate(lambda: F.conv3d(x, w, padding=1),
                                                        2.0 * x.numel() * 64 * 27, device, reps)}
-    name = torch.cuda.get_device_name(device) if cuda else cpu_name()
+    name = torch.cuda.get_device_name(device) if cuda else f"{cpu_model()} ({os.cpu_count()} cores)"
     return {"rates": rates, "dtype": str(dtype).removeprefix("torch."), "device_name": name, "threads": torch.get_num_threads()}
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    return f"CPU ({os.cpu_count()} cores)"
-
-
-JOBS = {"row": measure_row, "per-class-windows": measure_per_class_windows, "peak": measure_peak}
-
-
-def child(spec: dict) -> dict | str:
+def child(job: Callable[[dict], dict], spec: dict) -> dict | str:
     """Runs one job in a fresh Python process; its result, or the reason it failed."""
-    p = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if p.returncode != 0:
-        last = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
-        return f"failed: {last}"
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    try:
+        return run_child(job, spec, threads=spec.get("threads"))
+    except ChildFailed as e:
+        return f"failed: {e}"
 
 
 # -- the parent ---------------------------------------------------------------------------------------
@@ -522,7 +502,7 @@ def measure_scenario(n: int, args, work: Path, have_monai: bool) -> list[Row]:
 
 
 def measured(base: dict, name: str) -> Row:
-    r = child({**base, "job": "row", "row": name})
+    r = child(measure_row, {**base, "row": name})
     if isinstance(r, str):
         return Row(base["scenario"], name, r)
     return Row(base["scenario"], name, r.get("note", ""), seconds=statistics.median(r["seconds"]), runs=r["seconds"],
@@ -550,7 +530,7 @@ def per_class_row(base: dict, full: Row, limit: int) -> Row:
         return Row(full.scenario, "per-class", "not run: the full row it is extrapolated from failed")
     if full.windows <= limit:
         return measured(base, "per-class")
-    r = child({**base, "job": "per-class-windows", "windows": limit})
+    r = child(measure_per_class_windows, {**base, "windows": limit})
     if isinstance(r, str):
         return Row(full.scenario, "per-class", r)
     extra = full.windows * (r["per_class"] - r["joint"]) / r["n"]
@@ -572,10 +552,6 @@ def score(rows: dict[str, Row], work: Path, n: int, truths: np.ndarray, organs: 
 
 
 # -- report ---------------------------------------------------------------------------------------------
-def fmt(v, spec: str = ".1f") -> str:
-    return "—" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, spec)
-
-
 def table(rows: list[Row], runs: int) -> str:
     head = ["scenario", "method", f"s (median of {runs})", "windows", "windows/s", "peak host MiB", "peak GPU MiB",
             "Dice vs truth", "Dice vs full", "speed-up vs MONAI", "floor s", "s / floor"]
@@ -629,7 +605,7 @@ def caption(args, sizes: Sizes, seg: Segmenter, peak: dict, flops: dict[int, int
     repeats = len(sizes.query_classes) - len(set(sizes.query_classes))
     rates = ", ".join(f"{k}: {v / 1e9:.0f}" for k, v in peak["rates"].items())
     lines = [
-        f"Command: `python {shlex.join(['benchmarks/speed.py', *sys.argv[1:]])}`",
+        f"Command: `{command('benchmarks.speed')}`",
         f"Device: {args.device}, {peak['device_name']}; torch {torch.__version__}, {threads} thread(s); "
         f"MONAI {__import__('monai').__version__ if monai else 'not installed'}; load average (1 min) {load[0]:.1f} "
         f"before, {load[1]:.1f} after" + (": above the threads used, other jobs shared the CPU and the times are contended."
@@ -682,16 +658,9 @@ def main() -> int:
                     help="measure the per-class row on at most this many windows and extrapolate beyond "
                          "(0: never; default: 0 on CUDA, 8 on the CPU)")
     ap.add_argument("--quick", action="store_true", help="small volumes, tiny random network: checks the machinery")
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--json", type=Path, help="also write every measurement here")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child:
-        spec = json.loads(args.child)
-        if spec.get("threads"):
-            torch.set_num_threads(spec["threads"])
-        print(json.dumps(JOBS[spec["job"]](spec)))
-        return 0
     args.device = resolve_device(args.device).type
     if args.per_class_windows is None:
         args.per_class_windows = 0 if args.device == "cuda" else 8
@@ -708,7 +677,7 @@ def main() -> int:
         raise SystemExit(f"{args.data / 'btcv'}: BTCV not found; pass --data")
     sizes = QUICK if args.quick else FULL
     load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="iris-speed-") as tmp:
+    with paused_training(lambda m: print(m, file=sys.stderr)), tempfile.TemporaryDirectory(prefix="iris-speed-") as tmp:
         work = Path(tmp)
         build_inputs(args.data, sizes, work, set(numbers))
         seg = load_segmenter(sizes, "cpu")
@@ -716,14 +685,14 @@ def main() -> int:
             task_of(seg, dict(np.load(work / SCENARIOS[3].inputs)), SCENARIOS[2], work).save(work / TASK_FILE)
         ks = {1} | {len(np.load(work / SCENARIOS[n].inputs)["labels"]) for n in numbers}
         flops = {k: window_flops(seg, k) for k in sorted(ks)}
-        peak_job = {"job": "peak", "device": args.device, "threads": args.threads, "quick": args.quick,
+        peak_job = {"device": args.device, "threads": args.threads, "quick": args.quick,
                     "sizes": PEAK_SIZES["quick" if args.quick else args.device]}
-        first = child(peak_job)
+        first = child(measure_peak, peak_job)
         if isinstance(first, str):
             raise SystemExit(f"peak measurement {first}")
         have_monai = importlib.util.find_spec("monai") is not None
         rows = [r for n in numbers for r in measure_scenario(n, args, work, have_monai)]
-        peak = best_peak(first, child(peak_job))
+        peak = best_peak(first, child(measure_peak, peak_job))
         set_floors(rows, flops, max(peak["rates"].values()))
     text = "\n\n".join([table(rows, args.runs), *code_warning(rows), f"Issue 5 targets ({args.device}): {targets_line(rows, args.device)}",
                         caption(args, sizes, seg, peak, flops, peak["threads"], (load_before, os.getloadavg()[0]))])

@@ -1,15 +1,17 @@
-"""The whole-scan table of `accuracy.py --tables wholescan`: how a user's Apply does on whole scans, per
-validation dataset, against registration alone and against IRIS alone, on the same (query, reference) pairs.
+"""The whole-scan table of `python -m benchmarks.accuracy --tables wholescan`: how a user's Apply does on whole
+scans, per validation dataset, against registration alone and against IRIS alone, on the same (query, reference) pairs.
 
 Columns, each from the engine's public stages:
 - IRIS alone: `Segmenter.segment(localise="none")`, the whole field of view, no prior;
 - registration alone: the engine's own localisation (`Segmenter.prepare`, `Segmenter.localise`), its warped
   masks (before the prior's blur) thresholded at 0.5 (`labelmap.to_label_map`) and post-processed like a
   segmentation: atlas segmentation, the reference's masks warped onto the query;
-- localise + segment: `Segmenter.segment(localise="registration")`, the product default where registration runs.
+- localise + segment: `Segmenter.segment(localise="registration")`, the product default where registration runs;
+- with `baseline`, the same for a second model (e.g. the bundled weights against a training run's): the keep rule of
+  a training run (`keep_verdict`: better on the mean over datasets, no dataset more than 2 points worse).
 Seconds per pair include encoding the reference (IRIS columns) and preparing the query (all columns).
 
-Pairs: per dataset the first `pairs` queries of accuracy.py's query order, each with its first reference (another
+Pairs: per dataset the first `pairs` queries in query order (`common/cases.py`), each with its first reference (another
 subject). The embedded row puts a left-atrium validation query into a 512 x 512 x 300 field of low noise (an MR
 background), off centre, and segments it with a reference of another subject as it is (a crop around the atrium);
 IRIS alone is left out there (minutes on a CPU over the whole field).
@@ -22,17 +24,21 @@ from typing import Callable
 
 import numpy as np
 
-import accuracy
 from IrisSegmentLib import Segmenter
-from IrisSegmentLib.inference.labelmap import to_label_map
+from IrisSegmentLib.inference.body import crop_affine
+from IrisSegmentLib.inference.labelmap import paste, to_label_map
+from benchmarks.common.cases import LABELS, Volume, cases, load_case, query_order, reference_indices, scores
+from benchmarks.common.tables import cell
 
 COLUMNS = ("IRIS alone", "registration alone", "localise + segment")
+BASELINE = "localise + segment, baseline model"
+KEEP_MAX_LOSS = 0.02  # a new model is kept only if no dataset loses more than this (issue 20)
 EMBED_SHAPE = (512, 512, 300)
 EMBED_AT = (300, 120, 90)  # voxel where the query's first voxel lands: off centre
 EMBED_TARGET = (0.75, 30.0)  # issue 16: Dice and seconds of localise + segment on the embedded scan
 
 
-def embed(volume: accuracy.Volume, shape=EMBED_SHAPE, at=EMBED_AT, seed: int = 0) -> accuracy.Volume:
+def embed(volume: Volume, shape=EMBED_SHAPE, at=EMBED_AT, seed: int = 0) -> Volume:
     """`volume` placed at voxel `at` of a `shape` field of low noise (|N(0, 0.1 sd)| above its 1st percentile),
     with the same spacing and a shifted affine; the label map embedded the same way."""
     img, aff, lab = volume
@@ -47,67 +53,72 @@ def embed(volume: accuracy.Volume, shape=EMBED_SHAPE, at=EMBED_AT, seed: int = 0
     return field, out, big
 
 
-def registration_alone(seg: Segmenter, task, query: accuracy.Volume) -> np.ndarray:
+def registration_alone(seg: Segmenter, task, query: Volume) -> np.ndarray:
     """The reference's masks warped onto the query by the engine's own localisation; empty where it fails."""
-    target = seg.prepare(query[0], query[1])
+    box = seg.body(query[0], query[1])
+    target = seg.prepare(query[0][box], crop_affine(query[1], box))
     loc = seg.localise(target, task, "registration")
     if loc.prior is None:
         return np.zeros(query[0].shape, np.uint8)
     label_map = to_label_map(loc.warped_masks(), target.grid, task.labels, seg.config.inference.threshold)
-    return seg.postprocess(label_map, task)
+    return seg.postprocess(paste(label_map, box, query[0].shape), task)
 
 
-def run_pair(seg: Segmenter, ref: accuracy.Volume, qry: accuracy.Volume, labels: list[int], options: dict,
-             columns=COLUMNS) -> tuple[dict[str, dict[int, float]], dict[str, float], list[str]]:
+def run_pair(seg: Segmenter, ref: Volume, qry: Volume, labels: list[int], options: dict,
+             columns=COLUMNS, baseline: Segmenter | None = None) -> tuple[dict[str, dict[int, float]], dict[str, float], list[str]]:
     """Dice per label and seconds of each column on one pair, and the engine's warnings of the localised run."""
+    present = [v for v in labels if (ref[2] == v).any()]
     t0 = time.perf_counter()
-    task = seg.encode(ref[0], ref[1], ref[2], labels=[v for v in labels if (ref[2] == v).any()])
+    task = seg.encode(ref[0], ref[1], ref[2], labels=present)
     encode = time.perf_counter() - t0
     dice, secs, notes = {}, {}, []
-    for col in columns:
+    for col in [*columns, *([BASELINE] if baseline else [])]:
         t0 = time.perf_counter()
         if col == "registration alone":
             label_map = registration_alone(seg, task, qry)
+        elif col == BASELINE:
+            base_task = baseline.encode(ref[0], ref[1], ref[2], labels=present)
+            label_map = baseline.segment(qry[0], qry[1], base_task, localise="registration", **options).label_map
         else:
             res = seg.segment(qry[0], qry[1], task, localise="none" if col == "IRIS alone" else "registration", **options)
             label_map = res.label_map
             if col == "localise + segment":
                 notes = res.warnings
-        secs[col] = time.perf_counter() - t0 + (encode if col != "registration alone" else 0.0)
-        dice[col] = accuracy.scores(label_map, qry[2], task.labels)
+        secs[col] = time.perf_counter() - t0 + (encode if col not in ("registration alone", BASELINE) else 0.0)
+        dice[col] = scores(label_map, qry[2], task.labels)
     return dice, secs, notes
 
 
 def evaluate(seg: Segmenter, root: Path, datasets: list[str], pairs: int, options: dict, embedded: bool = True,
-             log: Callable[[str], None] = lambda m: None) -> list[dict]:
-    """One record per pair: dataset, ids, Dice per column, seconds per column."""
+             log: Callable[[str], None] = lambda m: None, baseline: Segmenter | None = None) -> list[dict]:
+    """One record per pair: dataset, ids, Dice per column, seconds per column (`baseline`: one more column)."""
     records = []
     for ds in [d for d in datasets if d]:
-        items = accuracy.cases(root, ds)
-        cache: dict[int, accuracy.Volume] = {}
+        items = cases(root, ds)
+        cache: dict[int, Volume] = {}
 
-        def volume(i: int) -> accuracy.Volume:
+        def volume(i: int) -> Volume:
             if i not in cache:
-                cache[i] = accuracy.load_case(items[i])
+                cache[i] = load_case(items[i])
             return cache[i]
 
-        for qi in accuracy.query_order(items)[:pairs]:
-            ri = accuracy.reference_indices(items, qi, 1)[0]
-            dice, secs, notes = run_pair(seg, volume(ri), volume(qi), list(accuracy.LABELS[ds]), options)
+        for qi in query_order(items)[:pairs]:
+            ri = reference_indices(items, qi, 1)[0]
+            dice, secs, notes = run_pair(seg, volume(ri), volume(qi), list(LABELS[ds]), options, baseline=baseline)
             records.append({"dataset": ds, "query": items[qi].id, "reference": items[ri].id, "dice": dice, "seconds": secs,
                             "warnings": notes})
             log(f"wholescan {ds} {items[qi].id}: " + ", ".join(f"{c} {np.mean(list(d.values())):.3f} ({secs[c]:.0f} s)"
                                                                for c, d in dice.items() if d))
     if embedded:
-        items = accuracy.cases(root, "la2018")
-        qi = accuracy.query_order(items)[0]
-        ri = accuracy.reference_indices(items, qi, 1)[0]
+        items = cases(root, "la2018")
+        qi = query_order(items)[0]
+        ri = reference_indices(items, qi, 1)[0]
         # IRIS alone on the whole 512 x 512 x 300 field takes minutes on a CPU (issue 16 measured 0.015 in 116 s): left out
-        dice, secs, notes = run_pair(seg, accuracy.load_case(items[ri]), embed(accuracy.load_case(items[qi])), [1], options,
+        dice, secs, notes = run_pair(seg, load_case(items[ri]), embed(load_case(items[qi])), [1], options,
                                      COLUMNS[1:])
         records.append({"dataset": f"la2018 in {'x'.join(map(str, EMBED_SHAPE))}", "query": items[qi].id, "reference": items[ri].id, "dice": dice,
                         "seconds": secs, "warnings": notes})
-        log(f"wholescan embedded: " + ", ".join(f"{c} {np.mean(list(d.values())):.3f} ({secs[c]:.0f} s)" for c, d in dice.items()))
+        log("wholescan embedded: " + ", ".join(f"{c} {np.mean(list(d.values())):.3f} ({secs[c]:.0f} s)" for c, d in dice.items()))
     return records
 
 
@@ -117,13 +128,14 @@ def _per_pair(records: list[dict], dataset: str, column: str) -> list[float]:
 
 def table(records: list[dict]) -> str:
     """Markdown: per dataset, mean Dice over structures per pair, mean ± sd over pairs, and seconds per pair."""
-    lines = ["| dataset | " + " | ".join(COLUMNS) + " | seconds per pair (" + " / ".join(COLUMNS) + ") | pairs |",
-             "|---|" + "---|" * (len(COLUMNS) + 2)]
+    columns = [*COLUMNS, *([BASELINE] if any(BASELINE in r["dice"] for r in records) else [])]
+    lines = ["| dataset | " + " | ".join(columns) + " | seconds per pair (" + " / ".join(columns) + ") | pairs |",
+             "|---|" + "---|" * (len(columns) + 2)]
     for ds in dict.fromkeys(r["dataset"] for r in records):
         recs = [r for r in records if r["dataset"] == ds]
-        cells = [accuracy.cell(_per_pair(records, ds, c)) for c in COLUMNS]
+        cells = [cell(_per_pair(records, ds, c)) for c in columns]
         secs = " / ".join(f"{np.mean([r['seconds'][c] for r in recs]):.1f}" if all(c in r["seconds"] for r in recs) else "–"
-                          for c in COLUMNS)
+                          for c in columns)
         lines.append(f"| {ds} | " + " | ".join(cells) + f" | {secs} | {len(recs)} |")
     return "\n".join(lines)
 
@@ -142,6 +154,21 @@ def verdict(records: list[dict]) -> str:
             continue
         parts.append(f"{ds} {m['localise + segment'] - best:+.3f} ({'met' if m['localise + segment'] >= best else 'NOT met'})")
     return "Localise + segment minus the better of IRIS alone and registration alone: " + "; ".join(parts) + "."
+
+
+def keep_verdict(records: list[dict]) -> str:
+    """The keep rule of a training run: localise + segment against the baseline model's, on the datasets (not the
+    embedded row) where both ran: better on the mean, and no dataset more than KEEP_MAX_LOSS worse."""
+    diffs = {ds: float(np.mean(_per_pair(records, ds, "localise + segment")) - np.mean(_per_pair(records, ds, BASELINE)))
+             for ds in dict.fromkeys(r["dataset"] for r in records) if _per_pair(records, ds, BASELINE)}
+    if not diffs:
+        return "No baseline model: no keep verdict."
+    mean, worst = float(np.mean(list(diffs.values()))), min(diffs, key=diffs.get)
+    keep = mean > 0 and diffs[worst] >= -KEEP_MAX_LOSS
+    return (f"Model against the baseline model, localise + segment: mean over datasets {mean:+.3f}, worst {worst} "
+            f"{diffs[worst]:+.3f} ({', '.join(f'{ds} {d:+.3f}' for ds, d in diffs.items())}): "
+            f"{'keep the model' if keep else 'keep the baseline'} (better on the mean, no dataset more than "
+            f"{KEEP_MAX_LOSS * 100:g} points worse).")
 
 
 def caption(seg: Segmenter, pairs: int, command: str) -> str:

@@ -1,10 +1,11 @@
 """Segment Editor effect "IRIS": segments the source volume like reference segments drawn on another scan.
 
-Preview shows the result in a separate segmentation (as Grow from seeds does); Apply adds it to the
+Preview shows the result in a separate segmentation (as Grow from seeds does), kept as a node reference of the
+editor's parameter node and removed on Cancel, on deactivation and when the scene closes; Apply adds it to the
 edited segmentation through the editor, so its masking settings apply, with one undo state per Apply.
-Localisation (register the reference onto the source volume first, or not) is an effect parameter; device
-and advanced options are those of the IRIS Segment module panel. The status below the buttons says how the
-result was localised and shows the engine's warnings.
+The effect owns a light logic (no panel, no torch until Preview), checks the dependencies with the same install
+offer as the panel, and runs behind a modal progress dialog whose Cancel adds nothing. Localisation is an effect
+parameter; device and advanced options are those of the IRIS Segment module panel.
 """
 import os
 
@@ -12,15 +13,30 @@ import qt
 import slicer
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
+from IrisSegmentSupport import dependencies
+from IrisSegmentSupport.logic import LOCALISE_CHOICES, LOCALISE_TOOLTIP, DependencyError, IrisSegmentLogic
+from IrisSegmentSupport.progressdialog import ProgressRun
+
+# Effect parameters (stored as "IRIS.<name>" on the segment editor node): node references and values.
+REFERENCE_SEGMENTATION, REFERENCE_VOLUME, PREVIEW = "ReferenceSegmentation", "ReferenceVolume", "PreviewSegmentation"
+SEGMENTS, LOCALISE = "ReferenceSegments", "Localise"
+SEPARATOR = ";"
+
 
 class SegmentEditorIrisEffect(AbstractScriptedSegmentEditorEffect):
     def __init__(self, scriptedEffect):
-        scriptedEffect.name = "IRIS"
+        scriptedEffect.name = "IRIS"  # not translated: modules find effects by name
+        scriptedEffect.title = "IRIS"
         scriptedEffect.perSegment = False
         scriptedEffect.requireSegments = False
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
-        self.pending = None  # computed, not yet applied
-        self.previewNode = None
+        self.logic = IrisSegmentLogic()  # light: no widget, no torch
+        self.pending = None  # computed, shown in the preview, not yet applied
+        self._problems: list = []  # unmet dependencies
+        self._running = False
+        self._active = False
+        self._connections: list = []
+        self._sceneObserver = None
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -42,22 +58,10 @@ class SegmentEditorIrisEffect(AbstractScriptedSegmentEditorEffect):
                 "IRIS Segment module.</html>")
 
     def setupOptionsFrame(self):
-        self.referenceSegmentationSelector = slicer.qMRMLNodeComboBox()
-        self.referenceSegmentationSelector.nodeTypes = ["vtkMRMLSegmentationNode"]
-        self.referenceSegmentationSelector.addEnabled = False
-        self.referenceSegmentationSelector.removeEnabled = False
-        self.referenceSegmentationSelector.noneEnabled = True
-        self.referenceSegmentationSelector.setMRMLScene(slicer.mrmlScene)
-        self.referenceSegmentationSelector.setToolTip("Segmentation holding the reference segments, drawn on another scan.")
+        self.referenceSegmentationSelector = self._nodeSelector("vtkMRMLSegmentationNode",
+                                                                "Segmentation holding the reference segments, drawn on another scan.")
         self.scriptedEffect.addLabeledOptionsWidget("Reference segmentation:", self.referenceSegmentationSelector)
-
-        self.referenceVolumeSelector = slicer.qMRMLNodeComboBox()
-        self.referenceVolumeSelector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
-        self.referenceVolumeSelector.addEnabled = False
-        self.referenceVolumeSelector.removeEnabled = False
-        self.referenceVolumeSelector.noneEnabled = True
-        self.referenceVolumeSelector.setMRMLScene(slicer.mrmlScene)
-        self.referenceVolumeSelector.setToolTip("The scan the reference segments were drawn on.")
+        self.referenceVolumeSelector = self._nodeSelector("vtkMRMLScalarVolumeNode", "The scan the reference segments were drawn on.")
         self.scriptedEffect.addLabeledOptionsWidget("Reference volume:", self.referenceVolumeSelector)
 
         self.segmentsList = qt.QListWidget()
@@ -65,16 +69,25 @@ class SegmentEditorIrisEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.addLabeledOptionsWidget("Segments:", self.segmentsList)
 
         self.localiseComboBox = qt.QComboBox()
-        for value, label in self.logic.LOCALISE_CHOICES:
+        for value, label in LOCALISE_CHOICES:
             self.localiseComboBox.addItem(label, value)
-        self.localiseComboBox.setToolTip(self.logic.LOCALISE_TOOLTIP)
+        self.localiseComboBox.setToolTip(LOCALISE_TOOLTIP)
         self.scriptedEffect.addLabeledOptionsWidget("Localisation:", self.localiseComboBox)
+
+        self.dependenciesLabel = qt.QLabel()
+        self.dependenciesLabel.wordWrap = True
+        self.scriptedEffect.addOptionsWidget(self.dependenciesLabel)
+        self.installButton = qt.QPushButton("Install dependencies")
+        self.installButton.objectName = self.__class__.__name__ + "Install"
+        self.installButton.setToolTip("Install PyTorch (through the PyTorch extension) and the other Python packages IrisSegment needs.")
+        self.scriptedEffect.addOptionsWidget(self.installButton)
 
         self.previewButton = qt.QPushButton("Preview")
         self.previewButton.objectName = self.__class__.__name__ + "Preview"
+        self.previewButton.setToolTip("Segment the source volume and show the result in a separate preview segmentation.")
         self.cancelButton = qt.QPushButton("Cancel")
         self.cancelButton.objectName = self.__class__.__name__ + "Cancel"
-        self.cancelButton.setToolTip("Stop a running segmentation, or discard the preview.")
+        self.cancelButton.setToolTip("Discard the preview.")
         self.applyButton = qt.QPushButton("Apply")
         self.applyButton.objectName = self.__class__.__name__ + "Apply"
         self.applyButton.setToolTip("Add the (previewed) result as new segments.")
@@ -83,45 +96,75 @@ class SegmentEditorIrisEffect(AbstractScriptedSegmentEditorEffect):
             buttons.addWidget(button)
         self.scriptedEffect.addOptionsWidget(buttons)
 
-        self.progressBar = qt.QProgressBar()
-        self.progressBar.visible = False
-        self.scriptedEffect.addOptionsWidget(self.progressBar)
-
         self.statusLabel = qt.QLabel()
         self.statusLabel.wordWrap = True
         self.scriptedEffect.addOptionsWidget(self.statusLabel)
 
-        self.referenceSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onReferenceSegmentationChanged)
-        self.referenceVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateMRMLFromGUI)
-        self.segmentsList.connect("itemChanged(QListWidgetItem*)", self.updateMRMLFromGUI)
-        self.localiseComboBox.connect("currentIndexChanged(int)", self.updateMRMLFromGUI)
-        self.previewButton.connect("clicked()", self.onPreview)
-        self.cancelButton.connect("clicked()", self.onCancel)
-        self.applyButton.connect("clicked()", self.onApply)
+        self._connect(self.referenceSegmentationSelector, "currentNodeChanged(vtkMRMLNode*)", self.onReferenceSegmentationChanged)
+        self._connect(self.referenceVolumeSelector, "currentNodeChanged(vtkMRMLNode*)", self.updateMRMLFromGUI)
+        self._connect(self.segmentsList, "itemChanged(QListWidgetItem*)", self.updateMRMLFromGUI)
+        self._connect(self.localiseComboBox, "currentIndexChanged(int)", self.updateMRMLFromGUI)
+        self._connect(self.installButton, "clicked()", self.onInstall)
+        self._connect(self.previewButton, "clicked()", self.onPreview)
+        self._connect(self.cancelButton, "clicked()", self.onCancel)
+        self._connect(self.applyButton, "clicked()", self.onApply)
+        self._sceneObserver = slicer.mrmlScene.AddObserver(slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self._problems = self.logic.dependencyProblems()  # from metadata: no torch import on the first click
+
+    def _nodeSelector(self, nodeType: str, toolTip: str):
+        selector = slicer.qMRMLNodeComboBox()
+        selector.nodeTypes = [nodeType]
+        selector.addEnabled = False
+        selector.removeEnabled = False
+        selector.noneEnabled = True
+        selector.setMRMLScene(slicer.mrmlScene)
+        selector.setToolTip(toolTip)
+        return selector
+
+    def _connect(self, widget, signal: str, slot) -> None:
+        widget.connect(signal, slot)
+        self._connections.append((widget, signal, slot))
+
+    def cleanup(self):
+        """Disconnects every signal and observer, so that the effect can be deleted (Slicer issue 7392)."""
+        for widget, signal, slot in self._connections:
+            widget.disconnect(signal, slot)
+        self._connections = []
+        if self._sceneObserver is not None:
+            slicer.mrmlScene.RemoveObserver(self._sceneObserver)
+            self._sceneObserver = None
 
     def setMRMLDefaults(self):
-        self.scriptedEffect.setParameterDefault("IrisLocalise", self.logic.LOCALISE_CHOICES[0][0])
+        self.scriptedEffect.setParameterDefault(LOCALISE, LOCALISE_CHOICES[0][0])
 
     def createCursor(self, widget):
         return slicer.util.mainWindow().cursor
 
+    def activate(self):
+        self._active = True
+
     def deactivate(self):
+        """Stops a running Preview and removes the preview segmentation."""
+        self._active = False
+        self.logic.requestCancel()
         self.removePreview()
 
-    @property
-    def logic(self):
-        return slicer.util.getModuleLogic("IrisSegment")
+    def onSceneStartClose(self, caller=None, event=None):
+        self.removePreview()
 
     # -- options <-> effect parameters -------------------------------------------------------------
+    def _parameter(self, name: str) -> str:
+        """An effect parameter, "" when it was never set (reading an unset one logs an error in Slicer)."""
+        return self.scriptedEffect.parameter(name) if self.scriptedEffect.parameterDefined(name) else ""
+
     def updateGUIFromMRML(self):
-        segmentation = slicer.mrmlScene.GetNodeByID(self.scriptedEffect.parameter("IrisReferenceSegmentation"))
-        volume = slicer.mrmlScene.GetNodeByID(self.scriptedEffect.parameter("IrisReferenceVolume"))
-        checked = self.scriptedEffect.parameter("IrisReferenceSegments").split(";")
+        segmentation = self.scriptedEffect.nodeReference(REFERENCE_SEGMENTATION)
+        checked = self._parameter(SEGMENTS).split(SEPARATOR)
         widgets = (self.referenceSegmentationSelector, self.referenceVolumeSelector, self.segmentsList, self.localiseComboBox)
         for widget in widgets:
             widget.blockSignals(True)
         self.referenceSegmentationSelector.setCurrentNode(segmentation)
-        self.referenceVolumeSelector.setCurrentNode(volume)
+        self.referenceVolumeSelector.setCurrentNode(self.scriptedEffect.nodeReference(REFERENCE_VOLUME))
         self.localiseComboBox.setCurrentIndex(max(self.localiseComboBox.findData(self._localise()), 0))
         self.segmentsList.clear()
         for sid in self.logic.segmentIds(segmentation):
@@ -132,29 +175,30 @@ class SegmentEditorIrisEffect(AbstractScriptedSegmentEditorEffect):
             self.segmentsList.addItem(item)
         for widget in widgets:
             widget.blockSignals(False)
-        ready = bool(segmentation and volume and self._checkedIds() and self._sourceVolume())
-        running = self.progressBar.visible
-        self.previewButton.enabled = ready and not running
-        self.applyButton.enabled = (ready or self.pending is not None) and not running
-        self.cancelButton.enabled = running or self.previewNode is not None
+        self.dependenciesLabel.text = dependencies.message(self._problems)
+        self.dependenciesLabel.visible = self.installButton.visible = bool(self._problems)
+        ready = bool(segmentation and self.referenceVolumeSelector.currentNode() and self._checkedIds()
+                     and self._sourceVolume()) and not self._problems
+        preview = self.scriptedEffect.nodeReference(PREVIEW)
+        self.previewButton.enabled = ready and not self._running
+        self.applyButton.enabled = (ready or self.pending is not None) and not self._running
+        self.cancelButton.enabled = preview is not None and not self._running
 
     def updateMRMLFromGUI(self):
         # One modification: each parameter set alone would refresh the GUI from the others' old values.
         with slicer.util.NodeModify(self.scriptedEffect.parameterSetNode()):
-            self.scriptedEffect.setParameter("IrisReferenceSegmentation", self.referenceSegmentationSelector.currentNodeID)
-            self.scriptedEffect.setParameter("IrisReferenceVolume", self.referenceVolumeSelector.currentNodeID)
-            self.scriptedEffect.setParameter("IrisReferenceSegments", ";".join(self._checkedIds()))
-            self.scriptedEffect.setParameter("IrisLocalise", self.localiseComboBox.itemData(self.localiseComboBox.currentIndex) or "auto")
+            self.scriptedEffect.setNodeReference(REFERENCE_SEGMENTATION, self.referenceSegmentationSelector.currentNode())
+            self.scriptedEffect.setNodeReference(REFERENCE_VOLUME, self.referenceVolumeSelector.currentNode())
+            self.scriptedEffect.setParameter(SEGMENTS, SEPARATOR.join(self._checkedIds()))
+            self.scriptedEffect.setParameter(LOCALISE, self.localiseComboBox.itemData(self.localiseComboBox.currentIndex) or "auto")
 
     def onReferenceSegmentationChanged(self, segmentation):
         """A new reference: its source volume and all its segments."""
         volume = self.logic.sourceVolume(segmentation)
-        if volume is not None:
-            self.referenceVolumeSelector.setCurrentNode(volume)
         with slicer.util.NodeModify(self.scriptedEffect.parameterSetNode()):
-            self.scriptedEffect.setParameter("IrisReferenceSegmentation", segmentation.GetID() if segmentation else "")
-            self.scriptedEffect.setParameter("IrisReferenceVolume", self.referenceVolumeSelector.currentNodeID)
-            self.scriptedEffect.setParameter("IrisReferenceSegments", ";".join(self.logic.segmentIds(segmentation)))
+            self.scriptedEffect.setNodeReference(REFERENCE_SEGMENTATION, segmentation)
+            self.scriptedEffect.setNodeReference(REFERENCE_VOLUME, volume or self.referenceVolumeSelector.currentNode())
+            self.scriptedEffect.setParameter(SEGMENTS, SEPARATOR.join(self.logic.segmentIds(segmentation)))
 
     def _checkedIds(self):
         items = [self.segmentsList.item(i) for i in range(self.segmentsList.count)]
@@ -162,44 +206,67 @@ class SegmentEditorIrisEffect(AbstractScriptedSegmentEditorEffect):
 
     def _localise(self):
         """The localisation chosen for this effect ("auto" until one is chosen)."""
-        return self.scriptedEffect.parameter("IrisLocalise") or "auto"
+        return self._parameter(LOCALISE) or "auto"
 
     def _sourceVolume(self):
-        return self.scriptedEffect.parameterSetNode().GetSourceVolumeNode()
+        parameterSetNode = self.scriptedEffect.parameterSetNode()
+        return parameterSetNode.GetSourceVolumeNode() if parameterSetNode is not None else None
+
+    # -- dependencies ------------------------------------------------------------------------------
+    def onInstall(self):
+        """The same install offer as the panel's: torch through the PyTorch extension, the rest with pip."""
+        try:
+            with slicer.util.WaitCursor():
+                self.statusLabel.text = self.logic.installDependencies(self._problems)
+        except DependencyError as e:
+            self.statusLabel.text = str(e)
+            slicer.util.errorDisplay(str(e), windowTitle="IRIS")
+        self._problems = self.logic.dependencyProblems()
+        self.updateGUIFromMRML()
 
     # -- preview, apply, cancel --------------------------------------------------------------------
     def onPreview(self):
-        from IrisSegmentLib.errors import Cancelled
-
         self.removePreview()
-        options = self.logic.options(self.logic.getParameterNode())
-        segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
-        self.progressBar.visible = True
+        self._running = True
         self.statusLabel.text = ""
         self.updateGUIFromMRML()
         try:
-            with slicer.util.tryWithErrorDisplay("IRIS failed.", waitCursor=False):
-                try:
-                    self.pending = self.logic.compute(
-                        self._sourceVolume(), self.referenceVolumeSelector.currentNode(), self.referenceSegmentationSelector.currentNode(),
-                        self._checkedIds(), options["device"], overlap=options["overlap"], tuningSteps=options["tuningSteps"],
-                        postprocess=options["postprocess"], progress=self.onProgress, localise=self._localise())
-                except Cancelled:
-                    self.statusLabel.text = "IRIS cancelled: nothing was added."
-                    slicer.util.showStatusMessage(self.statusLabel.text, 3000)
-                    return
-                self.previewNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", segmentationNode.GetName() + " IRIS preview")
-                self.logic.write(self.pending, self.previewNode)
-                self.previewNode.GetDisplayNode().SetOpacity(0.6)
-                self.statusLabel.text = self.logic.statusText(self.logic.segmentIds(self.previewNode))
-                slicer.util.showStatusMessage(self.statusLabel.text.replace("\n", "  "), 5000)
+            preview = ProgressRun(self.logic, "IRIS", self._setStatus).run(self._preview)
         finally:
-            self.progressBar.visible = False
-            self.updateGUIFromMRML()
+            self._running = False
+        if preview is not None:
+            self.statusLabel.text = self.logic.statusText(self.logic.segmentIds(preview))
+            slicer.util.showStatusMessage(self.statusLabel.text.replace("\n", "  "), 5000)
+        self.updateGUIFromMRML()
 
-    def onProgress(self, fraction, message):
-        self.progressBar.value = int(round(100 * fraction))
-        slicer.util.showStatusMessage(f"IRIS: {message}")
+    def _preview(self, progress):
+        """Computes (torch on the worker thread), then makes the preview segmentation here; nothing when cancelled."""
+        progress(0.0, "loading PyTorch and the model (first run only)")
+        self._problems = self.logic.dependencyProblems(probe=True)
+        if self._problems:
+            raise DependencyError(dependencies.message(self._problems))
+        options = self.logic.options(self.logic.getParameterNode())
+        pending = self.logic.compute(
+            self._sourceVolume(), self.referenceVolumeSelector.currentNode(), self.referenceSegmentationSelector.currentNode(),
+            self._checkedIds(), options["device"], overlap=options["overlap"], tuningSteps=options["tuningSteps"],
+            postprocess=options["postprocess"], progress=progress, localise=self._localise())
+        self.logic.beforeWriting(progress)
+        if not self._active:  # deactivated meanwhile (also requests cancel): leave nothing behind
+            return None
+        name = self.scriptedEffect.parameterSetNode().GetSegmentationNode().GetName() + " IRIS preview"
+        preview = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        try:
+            self.logic.write(pending, preview)
+        except Exception:
+            slicer.mrmlScene.RemoveNode(preview)
+            raise
+        preview.GetDisplayNode().SetOpacity(0.6)
+        self.scriptedEffect.setNodeReference(PREVIEW, preview)
+        self.pending = pending
+        return preview
+
+    def _setStatus(self, text: str) -> None:
+        self.statusLabel.text = text
 
     def onApply(self):
         if self.pending is None or self.pending.target_node is not self._sourceVolume():
@@ -208,8 +275,8 @@ class SegmentEditorIrisEffect(AbstractScriptedSegmentEditorEffect):
                 return
         segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
         self.scriptedEffect.saveStateForUndo()
-        with slicer.util.tryWithErrorDisplay("IRIS could not add the segments.", waitCursor=True):
-            self.logic.write(self.pending, segmentationNode, add=self._addSegment)
+        ProgressRun(self.logic, "IRIS", self._setStatus).run(
+            lambda progress: self.logic.write(self.pending, segmentationNode, add=self._addSegment))
         self.removePreview()
 
     def _addSegment(self, segmentationNode, name, colour, labelmap):
@@ -219,14 +286,14 @@ class SegmentEditorIrisEffect(AbstractScriptedSegmentEditorEffect):
         return sid
 
     def onCancel(self):
-        if self.progressBar.visible:
-            self.logic.requestCancel()
-        else:
-            self.removePreview()
+        """Discards the preview (a running Preview is stopped by its progress dialog's Cancel)."""
+        self.removePreview()
 
     def removePreview(self):
-        if self.previewNode is not None and self.previewNode.GetScene() is not None:
-            slicer.mrmlScene.RemoveNode(self.previewNode)
-        self.previewNode = None
+        preview = self.scriptedEffect.nodeReference(PREVIEW)
+        if preview is not None:
+            self.scriptedEffect.setNodeReference(PREVIEW, None)
+            if preview.GetScene() is not None:
+                preview.GetScene().RemoveNode(preview)
         self.pending = None
         self.updateGUIFromMRML()

@@ -23,20 +23,18 @@ from __future__ import annotations
 
 import csv
 import io as _io
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import TEMP_PREFIX, write_atomic
 from ..errors import IrisInputError
-from ..io import FILE_MODE, file_sha256
+from ..io import file_sha256
 from .formats import read_geometry
 
 RESULTS = "results.csv"
 LOCK = ".iris-batch.lock"
-TEMP_PREFIX = ".iris-"  # io.write_label_map and write_atomic write temporary files with this prefix
 FIXED = ("id", "path", "output", "status", "reason", "seconds", "device", "worker", "finished", "task", "output_sha256",
          "warnings")
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
@@ -47,22 +45,6 @@ DONE, RUN = "done", "run"  # verdicts besides KEPT
 
 
 # -- files -------------------------------------------------------------------------------------------------------
-def write_atomic(path: str | Path, text: str) -> None:
-    """Writes `text` to a temporary file beside `path`, syncs it, then renames it over `path`."""
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=TEMP_PREFIX, suffix=p.suffix + ".tmp")
-    try:
-        os.chmod(tmp, FILE_MODE)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def remove_stray_temporaries(out_dir: str | Path) -> list[Path]:
     """Deletes the temporary files (.iris-*) an interrupted run left in the output folder; returns them."""
     gone = []

@@ -96,9 +96,7 @@ class SegmenterPlugin(WorkerPlugin):
             from ..inference.segmenter import Segmenter
 
             self.segmenter = Segmenter.load(self.options.model, worker_device(self.options.device, worker.name))
-            if self.segmenter.model_id != self.task.model_id:
-                raise IrisInputError(f"the task embedding was made by model {self.task.model_id!r}, not by the loaded "
-                                     f"{self.segmenter.model_id!r}; encode the reference again with this model")
+            self.segmenter.check_task(self.task)
             self.error = None
         except IrisInputError as e:
             self.error = str(e)

@@ -11,20 +11,22 @@ Features, all by-products of one segmentation (no extra pass over the target):
 - `prior_agreement`: Dice between the network's segment and the registration prior's, before they are
   combined (0 without a prior: nothing localised the structure).
 A calibration (`Calibration`, shipped beside the weights as `confidence.json`, fitted on the
-validation split by `benchmarks/accuracy.py --tables calibration --fit`) maps them to an estimated
+validation split by `python -m benchmarks.accuracy --tables calibration --fit`) maps them to an estimated
 Dice: ridge least squares on the logit of the Dice of validation pairs. A segment with no voxel gets 0.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..atomic import write_atomic
+from ..io import file_sha256
 
 FEATURES = ("mean_prob", "disagreement", "boundary", "volume_ratio", "self_dice", "prior_agreement")
 CALIBRATION_FILE = "confidence.json"
@@ -117,12 +119,8 @@ class Calibration:
 
     def save(self, path: str | Path) -> None:
         """JSON, atomically."""
-        p = Path(path)
         data = {**self.__dict__, "features": list(self.features)}
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".iris-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, p)
+        write_atomic(path, json.dumps(data, indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> "Calibration":
@@ -131,3 +129,22 @@ class Calibration:
         if set(names) - set(FEATURES) or len(names) != len(data["mean"]):
             raise ValueError(f"{path}: fitted on other features; refit it")
         return cls(**data, features=names)
+
+
+def load_calibration(folder: Path) -> Calibration | None:
+    """The model folder's confidence calibration, if it has one fitted on exactly its weights (else a warning)."""
+    from ..weights import WEIGHTS
+
+    path = folder / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        cal = Calibration.load(path)
+    except (ValueError, TypeError, KeyError) as e:
+        warnings.warn(f"{path}: unreadable confidence calibration ({e}); segments get no estimated Dice")
+        return None
+    if cal.weights_sha256 != file_sha256(folder / WEIGHTS):
+        warnings.warn(f"{path} was fitted on other weights than {folder / WEIGHTS}; segments get no estimated Dice until it is "
+                      "refitted (python -m benchmarks.accuracy --tables calibration --fit)")
+        return None
+    return cal

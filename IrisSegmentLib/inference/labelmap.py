@@ -23,3 +23,12 @@ def to_label_map(probs: torch.Tensor, grid: WorkingGrid, labels: list[int], thre
         best, arg = grid.from_working_rows(probs, start, min(n, start + step)).max(0)
         rows[start : start + step] = values[arg].masked_fill_(~(best >= threshold), 0).numpy()
     return out
+
+
+def paste(values: np.ndarray, box: tuple[slice, ...], shape) -> np.ndarray:
+    """`values` computed on `image[box]` placed into zeros of the whole image's `shape` (itself where box is whole)."""
+    if tuple(values.shape) == tuple(shape):
+        return values
+    out = np.zeros(shape, values.dtype)
+    out[box] = values
+    return out

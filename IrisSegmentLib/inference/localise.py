@@ -13,12 +13,14 @@ Greedy runs in a child process (`greedy_job.py`): its C++ holds the GIL and writ
 child can be killed at once when the user cancels."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +32,12 @@ import torch.nn.functional as F
 
 from ..config import LocaliseConfig
 from ..errors import Cancelled, IrisInputError
+from .body import foreground_box
 from .prepare import Prepared
 
 Progress = Callable[[float, str], None]
 Cancel = Callable[[], bool]
 JOB = Path(__file__).with_name("greedy_job.py")
-STAGES = ("moments", "rigid", "affine", "deformable", "warping")
 
 
 @dataclass
@@ -105,38 +107,21 @@ def to_working(coarse: np.ndarray, box, f: int, shape) -> torch.Tensor:
 
 
 def greedy_available() -> bool:
-    try:
-        import importlib.util
-
-        return importlib.util.find_spec("picsl_greedy") is not None and importlib.util.find_spec("SimpleITK") is not None
-    except (ImportError, ValueError):
-        return False
+    return importlib.util.find_spec("picsl_greedy") is not None and importlib.util.find_spec("SimpleITK") is not None
 
 
 # -- grids ------------------------------------------------------------------------------------------
 def body_box(work: torch.Tensor, spacing: float, margin_mm: float) -> tuple[slice, slice, slice]:
-    """The box of what is not background, plus `margin_mm`: background is the dark (below Otsu's threshold on
-    a 4x coarser copy) part connected to the image's faces. An image with no such part is its own box."""
-    import SimpleITK as sitk
-    from scipy.ndimage import label
-
+    """The box of what is not background (`body.foreground_box` on a 4x coarser copy), plus `margin_mm`. An
+    image with no background is its own box."""
     f = 4
-    x = work[0][None, None].float()
-    pad = [(-n) % f for n in x.shape[2:]]
-    x = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]), mode="replicate")
-    small = F.avg_pool3d(x, f)[0, 0].numpy()
-    if float(small.max() - small.min()) == 0.0:
-        return tuple(slice(0, n) for n in work.shape[1:])
-    dark = sitk.GetArrayFromImage(sitk.OtsuThreshold(sitk.GetImageFromArray(small), 1, 0)).astype(bool)  # 1 below
-    comps = label(dark)[0]  # 6-connected
-    faces = np.unique(np.concatenate([comps[[0, -1]].ravel(), comps[:, [0, -1]].ravel(), comps[:, :, [0, -1]].ravel()]))
-    body = ~np.isin(comps, faces[faces > 0])
-    if not body.any():
-        return tuple(slice(0, n) for n in work.shape[1:])
-    nz = np.argwhere(body)
+    whole = tuple(slice(0, n) for n in work.shape[1:])
+    found = foreground_box(coarsen(work[:1], whole, f)[0].numpy())
+    if found is None:
+        return whole
     m = int(math.ceil(margin_mm / spacing))
-    lo = np.maximum(nz.min(0) * f - m, 0)
-    hi = np.minimum((nz.max(0) + 1) * f + m, work.shape[1:])
+    lo = np.maximum(found[0] * f - m, 0)
+    hi = np.minimum(found[1] * f + m, work.shape[1:])
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
@@ -188,24 +173,61 @@ def python_executable() -> str:
     return sys.executable
 
 
-def greedy_commands(cfg: LocaliseConfig, metric: str, masks: int) -> list[str]:
+MIN_LEVEL_VOXELS = 4  # ITK's recursive Gaussian needs four voxels along every axis at every pyramid level
+
+
+def pyramid(iterations: str, shortest: int) -> str:
+    """Greedy's `-n` for images whose shortest axis has `shortest` voxels: the coarsest levels (each halves the
+    grid) dropped while they would have fewer than MIN_LEVEL_VOXELS along it."""
+    levels = iterations.split("x")
+    while len(levels) > 1 and shortest / 2 ** (len(levels) - 1) < MIN_LEVEL_VOXELS:
+        levels = levels[1:]
+    return "x".join(levels)
+
+
+def greedy_commands(cfg: LocaliseConfig, metric: str, masks: int, dof: int = 12, shortest: int = 64) -> list[tuple[str, str]]:
+    """The stages of one registration: (name, Greedy command line); `dof` of the affine stage (12, or 7: a
+    similarity transform); `shortest`: the fewest voxels along an axis of either image (`pyramid`). `-noise 0 -jitter 0` and one thread for the rigid and affine stages: Greedy otherwise adds
+    unseeded random noise to the images (NCC), jitters the affine's sample points and sums over threads in varying
+    order, and the same pair then registers differently from run to run, now and then into a wrong minimum
+    (DESIGN 2.10); these stages are cheap, the deformable one keeps every thread. The masks are resliced onto the
+    fixed grid and onto `padded.nii` (twice its extent): how much of them the target's field of view holds."""
     m = f"-m NCC {cfg.ncc_radius}x{cfg.ncc_radius}x{cfg.ncc_radius}" if metric == "ncc" else "-m NMI"
-    cmds = [f"-i fixed.nii moving.nii -moments 1 -o moments.mat",
-            f"-i fixed.nii moving.nii -a -dof 6 -ia moments.mat {m} -n {cfg.rigid_iterations} -o rigid.mat",
-            f"-i fixed.nii moving.nii -a -dof 12 -ia rigid.mat {m} -n {cfg.affine_iterations} -o affine.mat"]
+    need = 2 * cfg.ncc_radius + 1 if metric == "ncc" else MIN_LEVEL_VOXELS  # NCC compares patches this wide
+    if shortest < need:
+        raise RuntimeError(f"an image has only {shortest} voxel(s) along one axis on the registration grid, fewer than "
+                           f"the {need} that registration compares at once: too small to register")
+    exact = "-noise 0 -jitter 0 -threads 1"
+    stages = [("moments", "-i fixed.nii moving.nii -moments 1 -o moments.mat"),
+              ("rigid", f"-i fixed.nii moving.nii -a -dof 6 -ia moments.mat {m} -n {pyramid(cfg.rigid_iterations, shortest)} {exact} -o rigid.mat"),
+              ("affine", f"-i fixed.nii moving.nii -a -dof {dof} -ia rigid.mat {m} -n {pyramid(cfg.affine_iterations, shortest)} {exact} "
+                         "-o affine.mat")]
     chain = "affine.mat"
     if cfg.deformable_iterations:
-        cmds.append(f"-i fixed.nii moving.nii -it affine.mat {m} -n {cfg.deformable_iterations} -s {cfg.deformable_smoothing} -o warp.nii")
+        stages.append(("deformable", f"-i fixed.nii moving.nii -it affine.mat {m} -n {pyramid(cfg.deformable_iterations, shortest)} "
+                                     f"-s {cfg.deformable_smoothing} -noise 0 -o warp.nii"))
         chain = "warp.nii affine.mat"
     outs = " ".join(f"-rm mask{k}.nii warped{k}.nii" for k in range(masks))
-    cmds.append(f"-rf fixed.nii -ri LINEAR -rm moving.nii warped_image.nii {outs} -r {chain}")
-    return cmds
+    stages.append(("warping", f"-rf fixed.nii -ri LINEAR -rm moving.nii warped_image.nii {outs} -r {chain}"))
+    carried = " ".join(f"-rm mask{k}.nii carried{k}.nii" for k in range(masks))
+    stages.append(("warping", f"-rf padded.nii -ri LINEAR {carried} -r {chain}"))
+    return stages
+
+
+def padded_affine(affine: np.ndarray, shape) -> np.ndarray:
+    """Voxel-to-world of a grid of `shape` voxels twice the size of `affine`'s, centred on the same point: it
+    covers the grid of (`shape`, `affine`) and half its extent again on every side."""
+    m = np.diag([2.0, 2.0, 2.0, 1.0])
+    m[:3, 3] = -(np.asarray(shape, dtype=np.float64) - 1) / 2
+    return np.asarray(affine, dtype=np.float64) @ m
 
 
 def run_greedy(fixed: tuple[np.ndarray, np.ndarray], atlas: Atlas, cfg: LocaliseConfig, metric: str, threads: int,
-               report: Progress, cancel: Cancel | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Registers `atlas` onto `fixed` (image, affine): (warped image, warped masks (K, ...), affine matrix) on
-    the fixed grid. Raises Cancelled when `cancel()` turns true, RuntimeError when Greedy fails or times out."""
+               report: Progress, cancel: Cancel | None, dof: int = 12) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Registers `atlas` onto `fixed` (image, affine) with a `dof` affine stage: (warped image, warped masks (K, ...), affine matrix) on
+    the fixed grid, and the fraction of the warped masks' volume that the fixed grid holds (the rest left the
+    target's field of view). Raises Cancelled when `cancel()` turns true, RuntimeError when Greedy fails or
+    times out."""
     import nibabel as nib
 
     with tempfile.TemporaryDirectory(prefix="iris-register-") as d:
@@ -215,13 +237,13 @@ def run_greedy(fixed: tuple[np.ndarray, np.ndarray], atlas: Atlas, cfg: Localise
         nib.save(nib.Nifti1Image((atlas.image - atlas.image.min()).astype(np.float32), atlas.affine), folder / "moving.nii")
         for k, mk in enumerate(atlas.masks):
             nib.save(nib.Nifti1Image(mk.astype(np.float32), atlas.affine), folder / f"mask{k}.nii")
-        cmds = greedy_commands(cfg, metric, len(atlas.masks))
-        (folder / "job.json").write_text(json.dumps({"threads": threads, "commands": cmds}))
+        padded = padded_affine(fixed[1], fixed[0].shape)
+        nib.save(nib.Nifti1Image(np.zeros(fixed[0].shape, np.float32), padded), folder / "padded.nii")
+        stages = greedy_commands(cfg, metric, len(atlas.masks), dof, min(*fixed[0].shape, *atlas.image.shape))
+        (folder / "job.json").write_text(json.dumps({"threads": threads, "commands": [c for _, c in stages]}))
         proc = subprocess.Popen([python_executable(), str(JOB), str(folder)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, text=True)
         lines: list[str] = []
-        import threading
-
         reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
         reader.start()
         t0 = time.monotonic()
@@ -231,10 +253,10 @@ def run_greedy(fixed: tuple[np.ndarray, np.ndarray], atlas: Atlas, cfg: Localise
                     raise Cancelled("segmentation cancelled during registration")
                 if time.monotonic() - t0 > cfg.timeout_s:
                     raise RuntimeError(f"registration took longer than {cfg.timeout_s:g} s")
-                stages = [ln for ln in lines if ln.startswith("stage")]
-                if stages:
-                    i, n = stages[-1].split()[1].split("/")
-                    report((int(i) - 1) / int(n), STAGES[min(int(i), len(STAGES)) - 1 if int(i) < int(n) else -1])
+                started = [ln for ln in lines if ln.startswith("stage")]
+                if started:
+                    i = int(started[-1].split()[1].split("/")[0])
+                    report((i - 1) / len(stages), stages[i - 1][0])
                 time.sleep(0.05)
         finally:
             if proc.poll() is None:
@@ -247,8 +269,10 @@ def run_greedy(fixed: tuple[np.ndarray, np.ndarray], atlas: Atlas, cfg: Localise
             raise RuntimeError(f"registration failed: {err or f'exit code {proc.returncode}'}")
         image = np.asarray(nib.load(folder / "warped_image.nii").get_fdata(), np.float32)
         masks = np.stack([np.asarray(nib.load(folder / f"warped{k}.nii").get_fdata(), np.float32) for k in range(len(atlas.masks))])
+        carried = sum(float(np.asarray(nib.load(folder / f"carried{k}.nii").dataobj, np.float64).sum()) for k in range(len(atlas.masks)))
         matrix = np.loadtxt(folder / "affine.mat")
-    return image, masks, matrix
+    held = float(masks.sum(dtype=np.float64)) * abs(np.linalg.det(fixed[1][:3, :3]))
+    return image, masks, matrix, held / max(carried * abs(np.linalg.det(padded[:3, :3])), 1e-9)
 
 
 def similarity(a: np.ndarray, b: np.ndarray, where: np.ndarray, metric: str) -> float:
@@ -290,6 +314,27 @@ def dilate(mask: torch.Tensor, m: int, box) -> torch.Tensor:
     return out
 
 
+def register(fixed: tuple[np.ndarray, np.ndarray], atlas: Atlas, cfg: LocaliseConfig, metric: str, threads: int,
+             report: Progress, cancel: Cancel | None, dof: int = 12) -> tuple[np.ndarray, float, float, str | None]:
+    """One registration (`run_greedy`) and its checks: (warped masks, image similarity near them, fraction of them
+    inside the target, what is wrong with it or None)."""
+    image, warped, matrix, inside = run_greedy(fixed, atlas, cfg, metric, threads, report, cancel, dof)
+    near = blur(warped.max(0, keepdims=True), 2.0)[0] > 0.05
+    sim = similarity(image, fixed[0], near if near.sum() > 100 else np.ones_like(near), metric)
+    det = float(np.linalg.det(matrix[:3, :3]))
+    problem = None
+    if not 1.0 / cfg.max_scale <= det <= cfg.max_scale:
+        problem = (f"registration {'mirrored' if det <= 0 else 'scaled volumes by %.2g' % (1 / det)} "
+                   "(another body region, or a failed registration)")
+    elif inside < cfg.min_inside:
+        problem = (f"registration carried only {inside:.0%} of the reference structures into the target's field of view "
+                   "(another body region or field of view?)")
+    elif sim < cfg.min_similarity:
+        problem = (f"after registration the images look alike only {sim:.2f} (< {cfg.min_similarity:g}): a reference of "
+                   "another body region or contrast, or a failed registration")
+    return warped, sim, inside, problem
+
+
 def localise(target: Prepared, atlases: list[Atlas], labels: list[int], cfg: LocaliseConfig, spacing: float, threads: int = 2,
              progress: Progress | None = None, cancel: Cancel | None = None) -> Localisation:
     """The prior of `labels` on the target's working grid from every atlas that registers; see the module docstring."""
@@ -302,7 +347,6 @@ def localise(target: Prepared, atlases: list[Atlas], labels: list[int], cfg: Loc
     f = block_factor([b.stop - b.start for b in box], cfg.max_voxels)
     fixed_img = coarsen(target.work, box, f)[0].numpy()
     fixed = (fixed_img, coarse_affine(target.grid.working_affine, box, f))
-    voxel_mm3 = float(abs(np.linalg.det(fixed[1][:3, :3])))
     total = np.zeros((len(labels), *fixed_img.shape), np.float32)
     counts = np.zeros(len(labels), np.float32)
     notes, sims, insides = [], [], []
@@ -312,42 +356,33 @@ def localise(target: Prepared, atlases: list[Atlas], labels: list[int], cfg: Loc
             continue
         atlas = atlas.select(have)
         metric = cfg.metric if cfg.metric != "auto" else ("ncc" if atlas.modality == target.modality else "nmi")
-        step = lambda fr, msg, i=i: report((i + fr) / len(atlases), f"registering reference {i + 1}/{len(atlases)}: {msg}")  # noqa: E731
+        def step(fr: float, msg: str, i: int = i, lo: float = 0.0, hi: float = 0.6, again: str = "") -> None:
+            report((i + lo + (hi - lo) * fr) / len(atlases), f"registering reference {i + 1}/{len(atlases)}: {again}{msg}")
+
         try:
-            image, warped, matrix = run_greedy(fixed, atlas, cfg, metric, threads, step, cancel)
+            warped, sim, inside, problem = register(fixed, atlas, cfg, metric, threads, step, cancel)
+            if problem is not None:  # a 12-dof affine can collapse on thick-slice or small scans: a similarity transform
+                again = lambda fr, msg: step(fr, msg, lo=0.6, hi=1.0, again="again with a similarity transform, ")  # noqa: E731
+                retry = register(fixed, atlas, cfg, metric, threads, again, cancel, dof=7)
+                if retry[3] is None:
+                    warped, sim, inside, problem = retry
         except Cancelled:
             raise
         except RuntimeError as e:
             notes.append(f"reference {i + 1}: {e}")
             continue
-        ref_mm3 = atlas.masks.reshape(len(have), -1).sum(1) * abs(np.linalg.det(atlas.affine[:3, :3]))
-        expected = ref_mm3 / max(abs(np.linalg.det(matrix[:3, :3])), 1e-6)
-        inside = float(warped.reshape(len(have), -1).sum(1).sum() * voxel_mm3 / max(expected.sum(), 1e-6))
-        near = blur(warped.max(0, keepdims=True), 2.0)[0] > 0.05
-        sim = similarity(image, fixed_img, near if near.sum() > 100 else np.ones_like(near), metric)
         sims.append(sim)
         insides.append(inside)
-        det = float(np.linalg.det(matrix[:3, :3]))
-        if not 1.0 / cfg.max_scale <= det <= cfg.max_scale:
-            notes.append(f"reference {i + 1}: registration {'mirrored' if det <= 0 else 'scaled volumes by %.2g' % (1 / det)} "
-                         "(another body region, or a failed registration)")
-            continue
-        if inside < cfg.min_inside:
-            notes.append(f"reference {i + 1}: registration carried only {inside:.0%} of the reference structures into the target "
-                         "(another body region or field of view?)")
-            continue
-        if sim < cfg.min_similarity:
-            notes.append(f"reference {i + 1}: after registration the images look alike only {sim:.2f} "
-                         f"(< {cfg.min_similarity:g}): a reference of another body region or contrast, or a failed registration")
+        if problem is not None:
+            notes.append(f"reference {i + 1}: {problem}")
             continue
         for k, v in enumerate(have):
             total[labels.index(v)] += warped[k]
             counts[labels.index(v)] += 1
-    seconds = time.perf_counter() - t0
     if not counts.any():
         return Localisation(None, None, "none", notes + ["registration failed for every reference: segmenting the whole field "
                                                           "of view without a prior (check that the reference shows the same body region)"],
-                            sims, insides, seconds)
+                            sims, insides, time.perf_counter() - t0)
     mean = total / np.maximum(counts, 1)[:, None, None, None]
     prior = to_working(blur(mean, cfg.prior_sigma_mm / (spacing * f)), box, f, target.work.shape[1:])
     region = dilate(prior.amax(0) > 0.05, int(math.ceil(cfg.margin_mm / spacing)), box)

@@ -57,11 +57,15 @@ class Runtime:
             return torch.autocast("cuda", dtype=half)
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cpu_bf16 and self.device.type == "cpu")
 
-    def forward(self, model, crops: list[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
-        """Class probabilities (N, K, *window) of a batch of (1, *window) crops, on the CPU."""
+    def forward(self, model, crops: list[torch.Tensor], tokens: torch.Tensor, priors: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Class probabilities (N, K, *window) of a batch of (1, *window) crops, on the CPU; `priors`: the
+        localisation prior (K, *window) of each crop, for a network that takes one (else ignored)."""
         x = torch.stack(crops).to(self.device)
+        extra = {}
+        if priors is not None and getattr(model, "takes_prior", False):
+            extra["prior"] = torch.stack(priors).to(self.device)
         with torch.inference_mode(), self.autocast():
-            logits = model.segment(x, tokens.to(self.device)[None])
+            logits = model.segment(x, tokens.to(self.device)[None], **extra)
         return torch.sigmoid(logits.float()).cpu()
 
     def after_oom(self, batch: int) -> "Runtime":

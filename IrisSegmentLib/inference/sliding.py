@@ -14,11 +14,13 @@ Cancel = Callable[[], bool]
 
 
 def run_windows(model, runtime: Runtime, padded: torch.Tensor, origins: list, tokens: torch.Tensor, blend: GaussianBlend,
-                report: Progress, cancel: Cancel | None = None, span: tuple[float, float] = (0.0, 1.0)) -> tuple[Runtime, int]:
+                report: Progress, cancel: Cancel | None = None, span: tuple[float, float] = (0.0, 1.0),
+                prior: torch.Tensor | None = None) -> tuple[Runtime, int]:
     """Runs the windows at `origins` of `padded` (1, X, Y, Z) and adds them to `blend`; windows holding a constant
-    image are not run (probability 0). Checks `cancel` before every batch (raises Cancelled) and reports progress
-    within `span`. Returns the runtime after any out-of-memory fallback (the model moved to its device) and the
-    windows run."""
+    image are not run (probability 0). `prior` (K, X, Y, Z) on the same padded grid: each window's crop of it goes
+    in with the window (a network that takes a prior refines it). Checks `cancel` before every batch (raises
+    Cancelled) and reports progress within `span`. Returns the runtime after any out-of-memory fallback (the model
+    moved to its device) and the windows run."""
     lo, hi = span
     window = blend.window
     ran, done, pending = 0, 0, list(origins)
@@ -26,10 +28,12 @@ def run_windows(model, runtime: Runtime, padded: torch.Tensor, origins: list, to
         if cancel is not None and cancel():
             raise Cancelled("segmentation cancelled")
         chunk = pending[: runtime.batch_size]
-        crops = [padded[(slice(None), *(slice(a, a + w) for a, w in zip(o, window)))] for o in chunk]
+        places = [(slice(None), *(slice(a, a + w) for a, w in zip(o, window))) for o in chunk]
+        crops = [padded[p] for p in places]
         live = [i for i, c in enumerate(crops) if float(c.max() - c.min()) > 0]
+        priors = None if prior is None else [prior[places[i]] for i in live]
         try:
-            probs = runtime.forward(model, [crops[i] for i in live], tokens) if live else None
+            probs = runtime.forward(model, [crops[i] for i in live], tokens, priors) if live else None
         except torch.cuda.OutOfMemoryError:
             runtime = runtime.after_oom(len(live))
             if isinstance(model, torch.nn.Module):

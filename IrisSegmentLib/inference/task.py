@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -13,7 +11,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..errors import IrisInputError
+from ..atomic import atomic_path
+from ..errors import Cancelled, IrisInputError
 from .localise import Atlas
 
 Colour = tuple[float, float, float]
@@ -71,15 +70,8 @@ class TaskEmbedding:
         tensors = {"tokens": self.tokens.detach().cpu().float().contiguous()}
         for i, a in enumerate(self.atlases):
             tensors.update({k: v.contiguous() for k, v in a.tensors(f"atlas{i}.").items()})
-        p = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".iris-", suffix=".safetensors")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"task": json.dumps(meta)})
-            os.replace(tmp, p)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"task": json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str | Path) -> "TaskEmbedding":
@@ -180,10 +172,13 @@ def tune(
     steps: int = 20,
     lr: float = 1e-2,
     loss_fn: Callable | None = None,
+    progress: Callable[[float, str], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
     """In-context tuning: optimise only the task tokens (network frozen) on labelled crops.
 
     `segment(images, tokens) -> logits`; images (N, 1, D, H, W), masks (N, K, D, H, W). Returns new tokens.
+    `progress` is told each step done; `cancel()` is checked before each step (raises Cancelled).
     """
     from ..training.losses import dice_bce
 
@@ -192,9 +187,13 @@ def tune(
     opt = torch.optim.Adam([t], lr=lr)
     valid = torch.ones(masks.shape[:2], dtype=torch.bool, device=masks.device)
     with torch.enable_grad():
-        for _ in range(steps):
+        for step in range(steps):
+            if cancel is not None and cancel():
+                raise Cancelled("in-context tuning cancelled")
             opt.zero_grad()
             loss = loss_fn(segment(images, t), masks, valid)
             loss.backward()
             opt.step()
+            if progress is not None:
+                progress((step + 1) / steps, f"in-context tuning step {step + 1}/{steps}")
     return t.detach()

@@ -32,71 +32,62 @@ class MLP(nn.Sequential):
 
 
 class Residual(nn.Module):
-    """x + f(norm(x)[, ctx]): a pre-norm sub-layer."""
+    """x + f(norm(x)): a pre-norm feed-forward sub-layer."""
 
-    def __init__(self, dim: int, fn: nn.Module, ctx_dim: int | None = None):
+    def __init__(self, dim: int, fn: nn.Module):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fn(self.norm(x))
+
+
+class AttentionResidual(nn.Module):
+    """x + attention(norm(x), context): a pre-norm attention sub-layer; the context is ctx_norm(ctx) (cross-attention,
+    `ctx_dim` given) or norm(x) itself (self-attention)."""
+
+    def __init__(self, dim: int, attention: Attention, ctx_dim: int | None = None):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.ctx_norm = nn.LayerNorm(ctx_dim) if ctx_dim else None
-        self.fn = fn
+        self.fn = attention
 
-    def forward(self, x, ctx=None, key_mask=None):
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         y = self.norm(x)
-        if isinstance(self.fn, Attention):
-            c = y if ctx is None else self.ctx_norm(ctx)
-            return x + self.fn(y, c, key_mask)
-        return x + self.fn(y)
+        return x + self.fn(y, y if ctx is None else self.ctx_norm(ctx), key_mask)
 
 
 class TaskBlock(nn.Module):
-    """[self-attn + FFN, cross-attn(tokens <- features) + FFN, self-attn + FFN] on one class's tokens."""
+    """[self-attn + FFN, cross-attn(tokens <- features) + FFN, self-attn + FFN] on one class's tokens. A task-encoding
+    block maps (tokens, features) to (tokens, features); this one leaves the features as they are."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: int):
         super().__init__()
         self.layers = nn.ModuleList()
         for cross in (False, True, False):
-            self.layers.append(Residual(dim, Attention(dim, heads), dim if cross else None))
+            self.layers.append(AttentionResidual(dim, Attention(dim, heads), dim if cross else None))
             self.layers.append(Residual(dim, MLP(dim, mlp_ratio)))
 
-    def forward(self, tokens: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         for i, layer in enumerate(self.layers):
             tokens = layer(tokens, feats) if i == 2 else layer(tokens)
-        return tokens
-
-
-class JointTaskBlock(nn.Module):
-    """Ablation (task_attention "joint"): the seed's self-attention encoder layer (pre-norm, + FFN),
-    run over [tokens; features] together so that the tokens can read the reference at all."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: int):
-        super().__init__()
-        self.attn = Residual(dim, Attention(dim, heads))
-        self.mlp = Residual(dim, MLP(dim, mlp_ratio))
-
-    def forward(self, tokens: torch.Tensor, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.mlp(self.attn(torch.cat([tokens, feats], 1)))
-        return x[:, : tokens.shape[1]], x[:, tokens.shape[1] :]
+        return tokens, feats
 
 
 class TwoWayBlock(nn.Module):
-    """tokens <- image, image <- tokens, token self-attention; each with an FFN, pre-norm, no positions.
-    `one_way` (ablation, decoder_attention "one-way"): image <- tokens only, the tokens pass unchanged."""
+    """tokens <- image, image <- tokens, token self-attention; each with an FFN, pre-norm, no positions."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: int, one_way: bool = False):
+    def __init__(self, dim: int, heads: int, mlp_ratio: int):
         super().__init__()
-        self.one_way = one_way
-        if not one_way:
-            self.tok_from_img = Residual(dim, Attention(dim, heads), dim)
-            self.tok_mlp = Residual(dim, MLP(dim, mlp_ratio))
-        self.img_from_tok = Residual(dim, Attention(dim, heads), dim)
+        self.tok_from_img = AttentionResidual(dim, Attention(dim, heads), dim)
+        self.tok_mlp = Residual(dim, MLP(dim, mlp_ratio))
+        self.img_from_tok = AttentionResidual(dim, Attention(dim, heads), dim)
         self.img_mlp = Residual(dim, MLP(dim, mlp_ratio))
-        if not one_way:
-            self.tok_self = Residual(dim, Attention(dim, heads))
-            self.tok_self_mlp = Residual(dim, MLP(dim, mlp_ratio))
+        self.tok_self = AttentionResidual(dim, Attention(dim, heads))
+        self.tok_self_mlp = Residual(dim, MLP(dim, mlp_ratio))
 
     def forward(self, img: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor | None):
-        if self.one_way:
-            return self.img_mlp(self.img_from_tok(img, tokens, token_mask)), tokens
         tokens = self.tok_mlp(self.tok_from_img(tokens, img))
         img = self.img_mlp(self.img_from_tok(img, tokens, token_mask))
         tokens = self.tok_self_mlp(self.tok_self(tokens, None, token_mask))

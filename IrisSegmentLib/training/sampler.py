@@ -10,12 +10,15 @@ import torch.nn.functional as F
 from ..config import TrainingConfig
 from . import augment, synth
 from .data import Case
+from .priors import simulate_prior
+from .registrations import Registration
 
 DEFAULT_WEIGHTS = {
     "btcv": 1.0, "acdc": 1.0, "la2018": 1.0, "hippocampus": 1.0,
     "brain": 1.0, "kidney": 0.5, "totalseg": 0.5, "shapes": 0.7,
 }
 MIN_REF_VOXELS = 8
+PRIOR_PAD = 8  # voxels simulated around a query crop, so that a warped prior can move in from outside it
 
 
 @dataclass
@@ -24,6 +27,7 @@ class Episode:
     ref_masks: torch.Tensor  # (K, D, H, W) float
     query_image: torch.Tensor
     query_masks: torch.Tensor
+    query_prior: torch.Tensor  # (K, D, H, W) in [0, 1]: a simulated localisation prior of the query
     valid: torch.Tensor  # (K,) bool
     names: list[str]  # class name per slot ('' for padding)
 
@@ -39,8 +43,10 @@ def crop(array: np.ndarray, centre, size, fill) -> np.ndarray:
 
 
 class EpisodeSampler:
-    def __init__(self, cases: list[Case], cfg: TrainingConfig, seed: int, augment_images: bool = True):
+    def __init__(self, cases: list[Case], cfg: TrainingConfig, seed: int, augment_images: bool = True,
+                 registrations: dict[str, list[Registration]] | None = None):
         self.cfg = cfg
+        self.registrations = registrations or {}  # real registration priors by "collection/case id" (registrations.py)
         self.by_dataset: dict[str, list[Case]] = {}
         for c in cases:
             self.by_dataset.setdefault(c.dataset, []).append(c)
@@ -79,6 +85,40 @@ class EpisodeSampler:
         pts = self._voxels(case, index)
         return pts[self.rng.integers(len(pts))] + self.rng.integers(-jitter, jitter + 1, 3)
 
+    def _query_centre(self, case: Case, index: int) -> np.ndarray:
+        """Where the engine runs windows: anywhere within `query_margin` voxels of the structure's box."""
+        pts = self._voxels(case, index)
+        m = self.cfg.query_margin
+        lo, hi = pts.min(0) - m, pts.max(0) + m
+        return np.array([self.rng.integers(a, b + 1) for a, b in zip(lo, hi)])
+
+    def _registered(self, case: Case, groups: list[list[int]], centre, size) -> dict[int, torch.Tensor] | None:
+        """With probability `real_prior_prob`, where `case` has packed registrations: one of them, as the prior crop of
+        `size` at `centre` of each class (a union of label values) that it registered; None otherwise."""
+        regs = self.registrations.get(f"{case.dataset}/{case.case_id}")
+        if not regs or self.rng.random() >= self.cfg.real_prior_prob:
+            return None
+        reg = regs[self.rng.integers(len(regs))]
+        out = {}
+        for k, values in enumerate(groups):
+            if any(v in reg.values for v in values):
+                out[k] = torch.from_numpy(crop(reg.on_case(values, case.label.shape).numpy(), centre, size, 0.0))
+        return out
+
+    def _whole(self, case: Case, size, table) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole case shrunk (never enlarged) to fit `size` at one scale, centred: (label indices, image)."""
+        s = min(1.0, *(t / n for t, n in zip(size, case.label.shape)))
+        new = [max(1, int(n * s)) for n in case.label.shape]
+        at = [(t - n) // 2 for t, n in zip(size, new)]
+        box = tuple(slice(a, a + n) for a, n in zip(at, new))
+        lab = torch.zeros(size, dtype=torch.uint8)
+        lab[box] = F.interpolate(torch.from_numpy(case.label)[None, None].float(), size=new, mode="nearest")[0, 0].to(torch.uint8)
+        if case.image is None:
+            return lab, synth.render(torch.from_numpy(case.values[lab.numpy()]), *table, self.g)
+        img = torch.full(size, float(case.image.min()))
+        img[box] = F.interpolate(torch.from_numpy(case.image.astype(np.float32))[None, None], size=new, mode="area")[0, 0]
+        return lab, img
+
     def _shapes_episode(self, size) -> tuple:
         n = int(self.rng.integers(1, self.cfg.max_classes + 1))
         means, stds = synth.random_modality(n + 1, self.g)
@@ -110,8 +150,10 @@ class EpisodeSampler:
         size = tuple(self.cfg.crop)
         k_max = self.cfg.max_classes
         dataset = self.names[self.rng.choice(len(self.names), p=self.p)]
+        pad, real = 0, None
         if dataset == "shapes":
             imgs, labs, classes, names = self._shapes_episode(size)
+            prior_lab = labs[1]
         else:
             ref, qry = self._pair(dataset)
             common = sorted((self.present(ref) & self.present(qry)) - {0})
@@ -127,35 +169,57 @@ class EpisodeSampler:
             anchor_value = groups[self.rng.integers(k)][0]
             q_index = {int(np.searchsorted(ref.values, v)): int(np.searchsorted(qry.values, v)) for g in groups for v in g}
             anchor = int(np.searchsorted(ref.values, anchor_value))
-            rc = self._centre(ref, anchor, size[0] // 8)
-            if self.rng.random() < self.cfg.empty_query_prob:
-                qc = np.array([self.rng.integers(0, s) for s in qry.label.shape])
-            else:
-                qc = self._centre(qry, q_index[anchor], size[0] // 4)
-            lab_r = torch.from_numpy(crop(ref.label, rc, size, 0))
-            lab_q = torch.from_numpy(crop(qry.label, qc, size, 0))
             table = synth.random_modality(int(max(ref.values.max(), qry.values.max())) + 1, self.g) if ref.image is None else None
-            imgs = [self._image(ref, lab_r, rc, table), self._image(qry, lab_q, qc, table)]
+            if self.rng.random() < self.cfg.whole_volume_prob:  # global context: both whole, shrunk to the crop
+                (lab_r, img_r), (lab_q, img_q) = self._whole(ref, size, table), self._whole(qry, size, table)
+                imgs, prior_lab = [img_r, img_q], _remap(lab_q, q_index)
+            else:
+                rc = self._centre(ref, anchor, size[0] // 8)
+                if self.rng.random() < self.cfg.empty_query_prob:
+                    qc = np.array([self.rng.integers(0, s) for s in qry.label.shape])
+                else:
+                    qc = self._query_centre(qry, q_index[anchor])
+                pad = PRIOR_PAD
+                lab_r = torch.from_numpy(crop(ref.label, rc, size, 0))
+                big = torch.from_numpy(crop(qry.label, qc, tuple(s + 2 * pad for s in size), 0))
+                lab_q = big[pad:-pad, pad:-pad, pad:-pad]
+                imgs, prior_lab = [self._image(ref, lab_r, rc, table), self._image(qry, lab_q, qc, table)], _remap(big, q_index)
+                real = self._registered(qry, groups, qc, big.shape)
             labs = [lab_r, _remap(lab_q, q_index)]
             names = [f"{dataset}:{'+'.join(map(str, g))}" for g in groups]
             classes = [[int(np.searchsorted(ref.values, v)) for v in g] for g in groups]
         masks = [torch.stack([torch.isin(l, torch.tensor(c, dtype=l.dtype)) for c in classes]).float() for l in labs]
+        truth = torch.stack([torch.isin(prior_lab, torch.tensor(c, dtype=prior_lab.dtype)) for c in classes]).float()
+        prior = simulate_prior(truth, self.g, self.cfg.prior_sigma, errors=tuple(self.cfg.prior_errors))
+        for k, p in (real or {}).items():  # a real registration's prior where the query case has one
+            prior[k] = p
+        if pad:
+            prior = prior[:, pad:-pad, pad:-pad, pad:-pad]
         if self.augment:
             if torch.rand(1, generator=self.g) < self.cfg.lut_prob:
                 imgs = augment.random_curve(imgs, self.g)
             if torch.rand(1, generator=self.g) < self.cfg.thick_slice_prob:
                 imgs[1] = augment.thick_slices(imgs[1], self.g)
-            for i in range(2):
-                imgs[i], masks[i] = augment.spatial(imgs[i], masks[i], self.g)
-                imgs[i] = augment.intensity(imgs[i], self.g)
+            imgs[0], masks[0] = augment.spatial(imgs[0], masks[0], self.g)
+            imgs[1], moved = augment.spatial(imgs[1], torch.cat([masks[1], prior]), self.g)
+            masks[1], prior = moved[: len(classes)], moved[len(classes) :].clamp(0, 1)
+            imgs = [augment.intensity(i, self.g) for i in imgs]
             masks = [(m > 0.5).float() for m in masks]
         valid = masks[0].flatten(1).sum(1) >= MIN_REF_VOXELS
         if not valid.any():
             return None
-        pad = k_max - len(classes)
-        masks = [F.pad(m, (0, 0, 0, 0, 0, 0, 0, pad)) for m in masks]
-        valid = F.pad(valid, (0, pad))
-        return Episode(imgs[0][None], masks[0], imgs[1][None], masks[1], valid, names + [""] * pad)
+        n = k_max - len(classes)
+        masks, prior = [F.pad(m, (0, 0, 0, 0, 0, 0, 0, n)) for m in masks], F.pad(prior, (0, 0, 0, 0, 0, 0, 0, n))
+        valid = F.pad(valid, (0, n))
+        return Episode(imgs[0][None], masks[0], imgs[1][None], masks[1], prior, valid, names + [""] * n)
+
+    def batch(self, n: int) -> dict:
+        """`n` episodes collated; with probability `prior_dropout` without their priors (`query_prior` None), so
+        that the network keeps segmenting from the task alone (no localisation, memory-bank retrieval)."""
+        out = collate([self.sample() for _ in range(n)])
+        if self.rng.random() < self.cfg.prior_dropout:
+            out["query_prior"] = None
+        return out
 
 
 def _remap(lab_q: torch.Tensor, q_index: dict[int, int]) -> torch.Tensor:
@@ -172,6 +236,7 @@ def collate(episodes: list[Episode]) -> dict:
         "ref_masks": torch.stack([e.ref_masks for e in episodes]),
         "query_image": torch.stack([e.query_image for e in episodes]),
         "query_masks": torch.stack([e.query_masks for e in episodes]),
+        "query_prior": torch.stack([e.query_prior for e in episodes]),
         "valid": torch.stack([e.valid for e in episodes]),
         "names": [e.names for e in episodes],
     }

@@ -4,6 +4,7 @@ model folder (fp16 EMA weights, config, memory bank) every few minutes and at th
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -14,14 +15,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..atomic import atomic_path
 from ..config import BundleConfig
 from ..errors import IrisInputError
+from ..inference.runtime import cpu_autocast
 from ..inference.segmenter import BANK_FILE
-from ..model import IrisModel
+from ..model import build_iris
 from ..weights import load_model, save_model
 from .bank import bank_batches, fill_bank
 from .data import load, without
 from .losses import dice_bce, dice_score
+from .registrations import coverage, load_registrations
 from .sampler import EpisodeSampler, episodes, real_only
 from .stream import episode_batches
 
@@ -49,9 +53,8 @@ def save_checkpoint(path: Path, model, ema, opt, step: int, cfg: BundleConfig) -
             else:
                 scalars[f"{pid}.{name}"] = float(val)
     meta = {"step": str(step), "config": json.dumps(cfg.to_dict()), "opt_scalars": json.dumps(scalars)}
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
 
 
 def load_checkpoint(path: Path, model, ema, opt) -> int:
@@ -75,22 +78,31 @@ def load_checkpoint(path: Path, model, ema, opt) -> int:
 
 
 def init_weights(model_dir, cfg: BundleConfig) -> dict[str, torch.Tensor]:
-    """The weights of a model folder, refused unless it has the architecture of `cfg`."""
+    """The weights of a model folder, refused unless it has the architecture of `cfg`, or that architecture
+    without the prior input (then the prior fusion keeps its initialisation: zero output, the folder's behaviour)."""
     model, folder_cfg, _ = load_model(model_dir)
-    if folder_cfg.model.fingerprint() != cfg.model.fingerprint():
+    adds_prior = folder_cfg.model.prior_channels == 0 and cfg.model.prior_channels > 0
+    mine = dataclasses.replace(cfg.model, prior_channels=0) if adds_prior else cfg.model
+    if folder_cfg.model.fingerprint() != mine.fingerprint():
         raise IrisInputError(f"{model_dir}: its architecture (fingerprint {folder_cfg.model.fingerprint()}) is not the "
                              f"config's ({cfg.model.fingerprint()}); leave out --config to train with the folder's own")
     return model.state_dict()
 
 
-def train_step(model, opt, b: dict, lr: float, grad_clip: float, device) -> torch.Tensor:
-    """One AdamW step on a batch (bf16 autocast on CUDA); returns the loss, detached, unsynchronised."""
+def _prior(b: dict, device) -> torch.Tensor | None:
+    return None if b.get("query_prior") is None else b["query_prior"].to(device, non_blocking=True)
+
+
+def train_step(model, opt, b: dict, lr: float, grad_clip: float, device, cpu_bf16: bool = False) -> torch.Tensor:
+    """One AdamW step on a batch (bf16 autocast on CUDA, and on the CPU with `cpu_bf16`); returns the loss,
+    detached, unsynchronised."""
     model.train()
     for g in opt.param_groups:
         g["lr"] = lr
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):
+    cuda = str(device).startswith("cuda")
+    with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda or cpu_bf16):
         tokens = model.encode_task(b["ref_image"].to(device, non_blocking=True), b["ref_masks"].to(device, non_blocking=True))
-        logits = model.segment(b["query_image"].to(device, non_blocking=True), tokens, b["valid"].to(device))
+        logits = model.segment(b["query_image"].to(device, non_blocking=True), tokens, b["valid"].to(device), _prior(b, device))
     loss = dice_bce(logits, b["query_masks"].to(device, non_blocking=True), b["valid"].to(device))
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -100,12 +112,21 @@ def train_step(model, opt, b: dict, lr: float, grad_clip: float, device) -> torc
 
 
 @torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """The weight EMA after one step: parameters move `1 - decay` of the way to the model's; buffers are copied."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+    for be, bm in zip(ema.buffers(), model.buffers()):
+        be.copy_(bm)
+
+
+@torch.no_grad()
 def validate(model, batches: list[dict], device) -> dict[str, float]:
     """Mean one-shot Dice per dataset on fixed validation episodes."""
     model.eval()
     per: dict[str, list[float]] = {}
     for b in batches:
-        logits = model(b["query_image"].to(device), b["ref_image"].to(device), b["ref_masks"].to(device), b["valid"].to(device))
+        logits = model(b["query_image"].to(device), b["ref_image"].to(device), b["ref_masks"].to(device), b["valid"].to(device),
+                       _prior(b, device))
         d = dice_score(logits > 0, b["query_masks"].to(device) > 0.5).cpu()
         for i, names in enumerate(b["names"]):
             for j, n in enumerate(names):
@@ -131,13 +152,16 @@ def train(cfg: BundleConfig, packed: str | Path, out: str | Path, minutes: float
     resume_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.training
     cuda = str(device).startswith("cuda")
+    cpu_bf16 = not cuda and cpu_autocast(cfg.inference.cpu_precision)  # the engine's rule: bf16 where the CPU has it
     if cuda:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(tc.seed)
-    model = IrisModel(cfg.model)
+    model = build_iris(cfg.model)
     if init:
-        model.load_state_dict(init_weights(init, cfg))
+        missing, _ = model.load_state_dict(init_weights(init, cfg), strict=False)
+        if any(not k.startswith("decoder.prior_fusion.") for k in missing):
+            raise IrisInputError(f"{init}: weights lack {missing[:3]}")
         log(f"initialised from {init}")
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -147,13 +171,19 @@ def train(cfg: BundleConfig, packed: str | Path, out: str | Path, minutes: float
         step = load_checkpoint(Path(resume), model, ema, opt)
         log(f"resumed from {resume} at step {step}")
     cases = without(load(packed, "train"), tc.holdout)
-    bank_set = bank_batches(cases, tc, bank_crops)
+    bank_set: list[dict] = []  # made when first needed: minutes on a CPU
+
+    def bank() -> list[dict]:
+        if not bank_set:
+            bank_set.extend(bank_batches(cases, tc, bank_crops))
+        return bank_set
+
     val_cases = without(load(packed, "val"), tc.holdout)  # a travel cache may have none: then there is no validation
     val_batches = []
     if val_cases:
         val_batches = episodes(EpisodeSampler(val_cases, real_only(tc), seed=12345, augment_images=False), val_episodes, tc.batch_size)
-    batches = episode_batches(cases, tc, tc.seed + step, workers, pin_memory=cuda)
-    ema_p, model_p = list(ema.parameters()), list(model.parameters())
+    registrations = load_registrations(packed)
+    batches = episode_batches(cases, tc, tc.seed + step, workers, pin_memory=cuda, registrations=registrations)
     start = last_save = time.time()
     first_step, waited, speed_logged, losses = step, 0.0, False, []
     with open(out / "log.jsonl", "a") as logf:
@@ -163,17 +193,15 @@ def train(cfg: BundleConfig, packed: str | Path, out: str | Path, minutes: float
             log(json.dumps(rec))
 
         record({"step": step, "setup_s": start - called, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-                "train_cases": len(cases), "val_cases": len(val_cases), "batch_size": tc.batch_size, "workers": workers})
+                "train_cases": len(cases), "val_cases": len(val_cases), "batch_size": tc.batch_size, "workers": workers, "cpu_bf16": cpu_bf16,
+                "registrations": coverage(registrations)})
         while (step == first_step and minutes > 0) or time.time() - called < minutes * 60:  # >= 1 step unless 0 minutes
             t0 = time.time()
             b = next(batches)
             waited += time.time() - t0
-            losses.append(train_step(model, opt, b, lr_at(step, tc), tc.grad_clip, device))
+            losses.append(train_step(model, opt, b, lr_at(step, tc), tc.grad_clip, device, cpu_bf16))
             step += 1
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_p, model_p, 1 - tc.ema_decay)
-                for be, bm in zip(ema.buffers(), model.buffers()):
-                    be.copy_(bm)
+            ema_update(ema, model, tc.ema_decay)
             if step % log_every == 0:
                 record({"step": step, "loss": float(torch.stack(losses).mean()), "lr": lr_at(step, tc), "minutes": (time.time() - start) / 60})
                 losses.clear()
@@ -185,20 +213,21 @@ def train(cfg: BundleConfig, packed: str | Path, out: str | Path, minutes: float
                 speed_logged = True
             if time.time() - last_save > checkpoint_minutes * 60:
                 save_checkpoint(resume_dir / CHECKPOINT, model, ema, opt, step, cfg)
-                export(ema, cfg, out / MODEL, {"steps": step}, bank_set, device)
+                # the memory bank takes minutes on a CPU: there only the final export fills it
+                export(ema, cfg, out / MODEL, {"steps": step}, bank() if cuda else [], device)
                 last_save = time.time()
         batches.close()
         save_checkpoint(resume_dir / CHECKPOINT, model, ema, opt, step, cfg)
         val = validate(ema, val_batches, device)
         final = {"step": step, "val_dice": val, "val_mean": float(np.mean(list(val.values()))) if val else math.nan}
         record(final)
-    export(ema, cfg, out / MODEL, {"steps": step, "val_dice": val}, bank_set, device)
+    export(ema, cfg, out / MODEL, {"steps": step, "val_dice": val}, bank(), device)
     return out
 
 
 def export(model, cfg: BundleConfig, directory: Path, info: dict, bank_set: list[dict], device="cpu") -> Path:
     """Writes a loadable model folder: fp16 weights, config, and the memory bank that the fp16
-    weights give on `bank_set`. Made beside `directory`, then moved in file by file."""
+    weights give on `bank_set` (none for an empty set). Made beside `directory`, then moved in file by file."""
     tmp = directory.with_name(f".{directory.name}.tmp")
     save_model(model, cfg, tmp, info=info)
     exported = load_model(tmp)[0].to(device)
