@@ -15,6 +15,7 @@ import torch
 
 from conftest import REPO_ROOT, dice, ellipsoid_mask, make_affine, rot_x, rot_y, rot_z, voxel_world
 from IrisSegmentLib import Cancelled, IrisInputError, Segmenter, TaskEmbedding
+from IrisSegmentLib.inference import greedy as greedy_module
 from IrisSegmentLib.inference import localise as localise_module
 from IrisSegmentLib.inference.localise import block_factor, body_box, coarse_affine, coarsen
 from IrisSegmentLib.inference.postprocess import pieces, postprocess
@@ -109,18 +110,45 @@ def test_a_failed_affine_is_retried_as_a_similarity_transform(seg, task, monkeyp
     real = localise_module.register
     calls = []
 
-    def register(*args, dof=12, **kw):
-        calls.append(dof)
-        out = real(*args, dof=dof, **kw)
+    def register(*args, dof=12, start="intensity", **kw):
+        calls.append((dof, start))
+        out = real(*args, dof=dof, start=start, **kw)
         return out if dof == 7 else (*out[:3], "registration scaled volumes by 9 (as if)")
 
     monkeypatch.setattr(localise_module, "register", register)
     img, _ = phantom((72, 80, 70), TARGET_AFFINE, shift=(6.0, -5.0, 4.0))
     messages = []
     loc = seg.localise(seg.prepare(img, TARGET_AFFINE), task, "registration", progress=lambda f, m: messages.append((f, m)))
-    assert calls == [12, 7] and loc.method == "registration" and loc.warnings == []
+    assert calls == [(12, "intensity"), (7, "intensity")] and loc.method == "registration" and loc.warnings == []
     assert any("again with a similarity transform" in m for _, m in messages)
     assert [f for f, _ in messages] == sorted(f for f, _ in messages)  # progress never goes back
+
+
+def test_then_started_from_the_image_edges_and_else_the_first_problem_is_said(seg, task, monkeypatch):
+    """An inverted contrast pulls the intensity-weighted moments start off: the last try starts from the gradient
+    magnitude of both images (the same for a contrast and its inverse); where every try fails, the first one's
+    problem is said."""
+    real = localise_module.register
+    calls = []
+
+    def register(*args, dof=12, start="intensity", **kw):
+        calls.append((dof, start))
+        out = real(*args, dof=dof, start=start, **kw)
+        return out if start == "edges" else (*out[:3], f"registration scaled volumes by {dof} (as if)")
+
+    monkeypatch.setattr(localise_module, "register", register)
+    img, _ = phantom((72, 80, 70), TARGET_AFFINE, shift=(6.0, -5.0, 4.0))
+    messages = []
+    loc = seg.localise(seg.prepare(img, TARGET_AFFINE), task, "registration", progress=lambda f, m: messages.append((f, m)))
+    assert calls == [(12, "intensity"), (7, "intensity"), (12, "edges")] and loc.method == "registration"
+    assert any("again from the image edges" in m for _, m in messages)
+    assert [f for f, _ in messages] == sorted(f for f, _ in messages) and messages[-1][0] <= 1.0
+
+    monkeypatch.setattr(localise_module, "register", lambda *a, dof=12, start="intensity", **kw: (
+        *real(*a, dof=dof, start=start, **kw)[:3], f"problem of the {dof}-dof {start} try"))
+    loc = seg.localise(seg.prepare(img, TARGET_AFFINE), task, "registration")
+    assert loc.method == "none" and any("problem of the 12-dof intensity try" in w for w in loc.warnings)
+    assert not any("edges try" in w for w in loc.warnings)
 
 
 def test_localised_segment_runs_windows_only_near_the_prior(seg, task):
@@ -258,7 +286,7 @@ def test_cancel_during_registration_stops_the_child_at_once(seg, task):
 def test_failed_greedy_is_a_warning_not_a_traceback(seg, task, monkeypatch, tmp_path):
     bad = tmp_path / "greedy_job.py"
     bad.write_text("print('error: Unknown parameter -bogus', flush=True)\nraise SystemExit(1)\n")
-    monkeypatch.setattr(localise_module, "JOB", bad)
+    monkeypatch.setattr(greedy_module, "JOB", bad)
     img, _ = phantom((40, 40, 40), TARGET_AFFINE)
     with pytest.warns(UserWarning, match="registration failed: Unknown parameter -bogus"):
         res = seg.segment(img, TARGET_AFFINE, task, confidence=False)
@@ -376,7 +404,7 @@ def test_pyramid_drops_levels_that_small_images_cannot_have():
     """Greedy's coarsest levels halve the grid: on a small image they would fall below ITK's four voxels (its
     Gaussian then fails with an ITK error); they are dropped, and an image thinner than NCC's patch is said."""
     from IrisSegmentLib.config import LocaliseConfig
-    from IrisSegmentLib.inference.localise import greedy_commands, pyramid
+    from IrisSegmentLib.inference.greedy import greedy_commands, pyramid
 
     assert pyramid("100x50x20", 64) == "100x50x20"  # 16 voxels at the coarsest level
     assert pyramid("100x50x20", 12) == "50x20"  # 3 at a quarter, 6 at a half

@@ -641,13 +641,13 @@ def test_localise_option_reaches_the_engine(case, band_oracle, monkeypatch):
 def test_failed_registration_warns_in_the_status(case, band_oracle, monkeypatch, tmp_path):
     """A registration that fails (here: the Greedy child process exits with an error) falls back to the whole
     field of view; the engine's warnings reach the run info and the status, also from the worker thread."""
-    from IrisSegmentLib.inference import localise as localise_module
+    from IrisSegmentLib.inference import greedy as greedy_module
 
     scene, ref, seg_node, target = case
     model, _ = band_oracle
     job = tmp_path / "failing_greedy_job.py"
     job.write_text('print("stage 1/4", flush=True)\nprint("error: simulated Greedy failure", flush=True)\nraise SystemExit(1)\n')
-    monkeypatch.setattr(localise_module, "JOB", job)
+    monkeypatch.setattr(greedy_module, "JOB", job)
     engine = mrml.Engine(Segmenter(model, BundleConfig.load(TINY_CONFIG), "cpu", model_id="oracle"), wait=lambda: None, slice_s=0.001)
     pending = mrml.compute_segments(target, ref, seg_node, None, "cpu", localise="auto", engine=engine)
     run = pending.run

@@ -197,7 +197,7 @@ def verdict(records: list[dict]) -> str:
     if with_reg:
         wins = sum(_mean(r[3]["shifted"]) > _mean(r[3]["registration"]) for r in with_reg)
         parts.append(f"IrisSegment beats registration on {wins} of {len(with_reg)} rows")
-    return "Targets: " + "; ".join(parts) + "."
+    return "Targets: " + "; ".join(parts) + "." if parts else "No target applies to these rows (geometry has none)."
 
 
 def caption(seg: Segmenter, held: Segmenter | None, pairs: int) -> str:

@@ -6,38 +6,27 @@ block-averages it the same way, and registers every atlas onto it with Greedy (p
 ITK-SNAP): rigid, then affine, then deformable, multi-resolution, NCC where both images share a modality and
 NMI where they do not. The warped masks, blurred by `prior_sigma_mm`, averaged over atlases (multi-atlas),
 are the per-class prior on the working grid; windows run only within `margin_mm` of it. A registration that
-fails (an error, low image similarity after it, a prior that leaves the target, a time-out) is dropped with
-a warning; when every one fails the engine falls back to the whole field of view.
+fails its checks (an error, low image similarity after it, a prior that leaves the target, a time-out) is tried
+again as a similarity transform, then from the image edges (`RETRIES`), and else dropped with a warning; when
+every one fails the engine falls back to the whole field of view.
 
-Greedy runs in a child process (`greedy_job.py`): its C++ holds the GIL and writes to the terminal, and a
-child can be killed at once when the user cancels."""
+Greedy runs in a child process (`greedy.py`)."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..config import LocaliseConfig
-from ..errors import Cancelled, IrisInputError
+from ..errors import Cancelled
 from .body import foreground_box
+from .greedy import Cancel, Progress, run_greedy
 from .prepare import Prepared
-
-Progress = Callable[[float, str], None]
-Cancel = Callable[[], bool]
-JOB = Path(__file__).with_name("greedy_job.py")
 
 
 @dataclass
@@ -162,119 +151,6 @@ def make_atlas(ref: Prepared, masks: torch.Tensor, labels: list[int], cfg: Local
                  coarse_affine(ref.grid.working_affine, box, f), list(labels), ref.modality)
 
 
-# -- registration -----------------------------------------------------------------------------------
-def python_executable() -> str:
-    """The Python to run the registration child with: Slicer's PythonSlicer inside Slicer, else this one."""
-    exe = Path(sys.executable)
-    if "slicer" in exe.name.lower():
-        found = shutil.which("PythonSlicer") or shutil.which("PythonSlicer", path=str(exe.parent))
-        if found:
-            return found
-    return sys.executable
-
-
-MIN_LEVEL_VOXELS = 4  # ITK's recursive Gaussian needs four voxels along every axis at every pyramid level
-
-
-def pyramid(iterations: str, shortest: int) -> str:
-    """Greedy's `-n` for images whose shortest axis has `shortest` voxels: the coarsest levels (each halves the
-    grid) dropped while they would have fewer than MIN_LEVEL_VOXELS along it."""
-    levels = iterations.split("x")
-    while len(levels) > 1 and shortest / 2 ** (len(levels) - 1) < MIN_LEVEL_VOXELS:
-        levels = levels[1:]
-    return "x".join(levels)
-
-
-def greedy_commands(cfg: LocaliseConfig, metric: str, masks: int, dof: int = 12, shortest: int = 64) -> list[tuple[str, str]]:
-    """The stages of one registration: (name, Greedy command line); `dof` of the affine stage (12, or 7: a
-    similarity transform); `shortest`: the fewest voxels along an axis of either image (`pyramid`). `-noise 0 -jitter 0` and one thread for the rigid and affine stages: Greedy otherwise adds
-    unseeded random noise to the images (NCC), jitters the affine's sample points and sums over threads in varying
-    order, and the same pair then registers differently from run to run, now and then into a wrong minimum
-    (DESIGN 2.10); these stages are cheap, the deformable one keeps every thread. The masks are resliced onto the
-    fixed grid and onto `padded.nii` (twice its extent): how much of them the target's field of view holds."""
-    m = f"-m NCC {cfg.ncc_radius}x{cfg.ncc_radius}x{cfg.ncc_radius}" if metric == "ncc" else "-m NMI"
-    need = 2 * cfg.ncc_radius + 1 if metric == "ncc" else MIN_LEVEL_VOXELS  # NCC compares patches this wide
-    if shortest < need:
-        raise RuntimeError(f"an image has only {shortest} voxel(s) along one axis on the registration grid, fewer than "
-                           f"the {need} that registration compares at once: too small to register")
-    exact = "-noise 0 -jitter 0 -threads 1"
-    stages = [("moments", "-i fixed.nii moving.nii -moments 1 -o moments.mat"),
-              ("rigid", f"-i fixed.nii moving.nii -a -dof 6 -ia moments.mat {m} -n {pyramid(cfg.rigid_iterations, shortest)} {exact} -o rigid.mat"),
-              ("affine", f"-i fixed.nii moving.nii -a -dof {dof} -ia rigid.mat {m} -n {pyramid(cfg.affine_iterations, shortest)} {exact} "
-                         "-o affine.mat")]
-    chain = "affine.mat"
-    if cfg.deformable_iterations:
-        stages.append(("deformable", f"-i fixed.nii moving.nii -it affine.mat {m} -n {pyramid(cfg.deformable_iterations, shortest)} "
-                                     f"-s {cfg.deformable_smoothing} -noise 0 -o warp.nii"))
-        chain = "warp.nii affine.mat"
-    outs = " ".join(f"-rm mask{k}.nii warped{k}.nii" for k in range(masks))
-    stages.append(("warping", f"-rf fixed.nii -ri LINEAR -rm moving.nii warped_image.nii {outs} -r {chain}"))
-    carried = " ".join(f"-rm mask{k}.nii carried{k}.nii" for k in range(masks))
-    stages.append(("warping", f"-rf padded.nii -ri LINEAR {carried} -r {chain}"))
-    return stages
-
-
-def padded_affine(affine: np.ndarray, shape) -> np.ndarray:
-    """Voxel-to-world of a grid of `shape` voxels twice the size of `affine`'s, centred on the same point: it
-    covers the grid of (`shape`, `affine`) and half its extent again on every side."""
-    m = np.diag([2.0, 2.0, 2.0, 1.0])
-    m[:3, 3] = -(np.asarray(shape, dtype=np.float64) - 1) / 2
-    return np.asarray(affine, dtype=np.float64) @ m
-
-
-def run_greedy(fixed: tuple[np.ndarray, np.ndarray], atlas: Atlas, cfg: LocaliseConfig, metric: str, threads: int,
-               report: Progress, cancel: Cancel | None, dof: int = 12) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Registers `atlas` onto `fixed` (image, affine) with a `dof` affine stage: (warped image, warped masks (K, ...), affine matrix) on
-    the fixed grid, and the fraction of the warped masks' volume that the fixed grid holds (the rest left the
-    target's field of view). Raises Cancelled when `cancel()` turns true, RuntimeError when Greedy fails or
-    times out."""
-    import nibabel as nib
-
-    with tempfile.TemporaryDirectory(prefix="iris-register-") as d:
-        folder = Path(d)
-        # Non-negative images: the moments initialisation weighs voxels by intensity (NCC and NMI do not mind a shift).
-        nib.save(nib.Nifti1Image((fixed[0] - fixed[0].min()).astype(np.float32), fixed[1]), folder / "fixed.nii")
-        nib.save(nib.Nifti1Image((atlas.image - atlas.image.min()).astype(np.float32), atlas.affine), folder / "moving.nii")
-        for k, mk in enumerate(atlas.masks):
-            nib.save(nib.Nifti1Image(mk.astype(np.float32), atlas.affine), folder / f"mask{k}.nii")
-        padded = padded_affine(fixed[1], fixed[0].shape)
-        nib.save(nib.Nifti1Image(np.zeros(fixed[0].shape, np.float32), padded), folder / "padded.nii")
-        stages = greedy_commands(cfg, metric, len(atlas.masks), dof, min(*fixed[0].shape, *atlas.image.shape))
-        (folder / "job.json").write_text(json.dumps({"threads": threads, "commands": [c for _, c in stages]}))
-        proc = subprocess.Popen([python_executable(), str(JOB), str(folder)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, text=True)
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
-        reader.start()
-        t0 = time.monotonic()
-        try:
-            while proc.poll() is None:
-                if cancel is not None and cancel():
-                    raise Cancelled("segmentation cancelled during registration")
-                if time.monotonic() - t0 > cfg.timeout_s:
-                    raise RuntimeError(f"registration took longer than {cfg.timeout_s:g} s")
-                started = [ln for ln in lines if ln.startswith("stage")]
-                if started:
-                    i = int(started[-1].split()[1].split("/")[0])
-                    report((i - 1) / len(stages), stages[i - 1][0])
-                time.sleep(0.05)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            reader.join(timeout=5)
-            proc.stdout.close()
-        if proc.returncode != 0:
-            err = next((ln[7:].strip() for ln in lines if ln.startswith("error:")), "".join(lines[-3:]).strip())
-            raise RuntimeError(f"registration failed: {err or f'exit code {proc.returncode}'}")
-        image = np.asarray(nib.load(folder / "warped_image.nii").get_fdata(), np.float32)
-        masks = np.stack([np.asarray(nib.load(folder / f"warped{k}.nii").get_fdata(), np.float32) for k in range(len(atlas.masks))])
-        carried = sum(float(np.asarray(nib.load(folder / f"carried{k}.nii").dataobj, np.float64).sum()) for k in range(len(atlas.masks)))
-        matrix = np.loadtxt(folder / "affine.mat")
-    held = float(masks.sum(dtype=np.float64)) * abs(np.linalg.det(fixed[1][:3, :3]))
-    return image, masks, matrix, held / max(carried * abs(np.linalg.det(padded[:3, :3])), 1e-9)
-
-
 def similarity(a: np.ndarray, b: np.ndarray, where: np.ndarray, metric: str) -> float:
     """Pearson correlation (ncc) or NMI - 1 (nmi, in [0, 1]) of two images over `where`."""
     x, y = a[where].astype(np.float64), b[where].astype(np.float64)
@@ -314,11 +190,18 @@ def dilate(mask: torch.Tensor, m: int, box) -> torch.Tensor:
     return out
 
 
+RETRIES = (  # (affine dof, moments start, progress note), tried in turn while the registration fails the checks
+    (7, "intensity", "again with a similarity transform, "),  # a 12-dof affine can collapse on thick-slice or small scans
+    (12, "edges", "again from the image edges, "),  # an intensity-weighted start runs off on an inverted contrast
+)
+
+
 def register(fixed: tuple[np.ndarray, np.ndarray], atlas: Atlas, cfg: LocaliseConfig, metric: str, threads: int,
-             report: Progress, cancel: Cancel | None, dof: int = 12) -> tuple[np.ndarray, float, float, str | None]:
+             report: Progress, cancel: Cancel | None, dof: int = 12,
+             start: str = "intensity") -> tuple[np.ndarray, float, float, str | None]:
     """One registration (`run_greedy`) and its checks: (warped masks, image similarity near them, fraction of them
     inside the target, what is wrong with it or None)."""
-    image, warped, matrix, inside = run_greedy(fixed, atlas, cfg, metric, threads, report, cancel, dof)
+    image, warped, matrix, inside = run_greedy(fixed, atlas, cfg, metric, threads, report, cancel, dof, start)
     near = blur(warped.max(0, keepdims=True), 2.0)[0] > 0.05
     sim = similarity(image, fixed[0], near if near.sum() > 100 else np.ones_like(near), metric)
     det = float(np.linalg.det(matrix[:3, :3]))
@@ -361,9 +244,13 @@ def localise(target: Prepared, atlases: list[Atlas], labels: list[int], cfg: Loc
 
         try:
             warped, sim, inside, problem = register(fixed, atlas, cfg, metric, threads, step, cancel)
-            if problem is not None:  # a 12-dof affine can collapse on thick-slice or small scans: a similarity transform
-                again = lambda fr, msg: step(fr, msg, lo=0.6, hi=1.0, again="again with a similarity transform, ")  # noqa: E731
-                retry = register(fixed, atlas, cfg, metric, threads, again, cancel, dof=7)
+            for n, (dof, start, again) in enumerate(RETRIES):  # until one passes the checks; else the first problem is said
+                if problem is None:
+                    break
+                lo, hi = 0.6 + 0.4 * n / len(RETRIES), 0.6 + 0.4 * (n + 1) / len(RETRIES)
+                retry = register(fixed, atlas, cfg, metric, threads,
+                                 lambda fr, msg, lo=lo, hi=hi, again=again: step(fr, msg, lo=lo, hi=hi, again=again),
+                                 cancel, dof=dof, start=start)
                 if retry[3] is None:
                     warped, sim, inside, problem = retry
         except Cancelled:
