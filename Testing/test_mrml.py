@@ -304,15 +304,19 @@ def _scene_state(scene, out) -> tuple:
 
 
 class SlowOracle(BandOracle):
-    """The oracle at 20 ms per encoded structure and per batch of windows, so that a caller waiting in 1 ms slices
-    sees each step's progress (the worker relays only the latest report of each slice)."""
+    """The oracle at `delay` seconds per encoded structure and per batch of windows, so that a caller waiting in 1 ms
+    slices sees each step's progress (the worker relays only the latest report of each slice)."""
+
+    def __init__(self, delay: float = 0.02):
+        super().__init__()
+        self.delay = delay
 
     def encode_task(self, ref_image, ref_masks):
-        time.sleep(0.02)
+        time.sleep(self.delay)
         return super().encode_task(ref_image, ref_masks)
 
     def segment(self, image, tokens):
-        time.sleep(0.02)
+        time.sleep(self.delay)
         return super().segment(image, tokens)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import sys
-import time
 import types
 import urllib.request
 from pathlib import Path
@@ -27,7 +26,7 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (pip install 'slicer-core>=5.13') for a real MRML scene")
 
 from conftest import TINY_CONFIG, dice  # noqa: E402
-from test_mrml import SHIFT, TARGET_SHAPE, TARGET_WORLD, BandOracle, case, core, segment_ids, truth  # noqa: E402,F401 (case, core: fixtures)
+from test_mrml import SHIFT, TARGET_SHAPE, TARGET_WORLD, SlowOracle, case, core, segment_ids, truth  # noqa: E402,F401 (case, core: fixtures)
 from test_slicer_module_static import (  # noqa: E402
     EFFECT_PY, MODULE_DIR, FakeComboBox, FakeListWidget, FakeListWidgetItem, FakeNodeComboBox, FakeProgressDialog, FakeWidget,
     Qt, fresh_support_modules)
@@ -192,21 +191,9 @@ def env(monkeypatch, tmp_path, core):
     return types.SimpleNamespace(scene=core.scene, app=app, dependencies=dependencies)
 
 
-class SlowOracle(BandOracle):
-    """The oracle, 30 ms per encoded structure and per batch of windows: slow enough that the GUI thread, waiting in
-    1 ms slices, sees every step's progress (the worker relays only the latest report of each slice)."""
-
-    def encode_task(self, ref_image, ref_masks):
-        time.sleep(0.03)
-        return super().encode_task(ref_image, ref_masks)
-
-    def segment(self, image, tokens):
-        time.sleep(0.03)
-        return super().segment(image, tokens)
-
-
 def oracle() -> Segmenter:
-    return Segmenter(SlowOracle(), BundleConfig.load(TINY_CONFIG), "cpu", model_id="oracle")
+    # 30 ms per step: slow enough that the GUI thread, waiting in 1 ms slices, sees every step's progress
+    return Segmenter(SlowOracle(delay=0.03), BundleConfig.load(TINY_CONFIG), "cpu", model_id="oracle")
 
 
 def fine_grained(logic, model) -> None:
