@@ -154,7 +154,7 @@ class LocaliseConfig:
     margin_mm: float = 15.0  # windows run where some class's prior, dilated by this, is
     prior_sigma_mm: float = 3.0  # Gaussian blur of the warped masks: registration's uncertainty
     prior_weight: float = 0.5  # p = w * prior + (1 - w) * network inside the dilated prior; 0 outside
-    min_self_dice: float = 0.4  # a class whose reference crop the network segments worse gets the warped masks alone
+    min_self_dice: float = 0.5  # a class whose reference crop the network segments worse gets the warped masks alone
     min_similarity: float = 0.2  # after registration: image similarity below this is a failed registration
     min_inside: float = 0.5  # a prior with less of the reference structures' volume inside the target failed
     max_scale: float = 5.0  # an affine changing volumes by more than this factor (or mirroring) failed

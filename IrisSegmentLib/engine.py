@@ -19,10 +19,10 @@ import numpy as np
 
 from .errors import Cancelled, IrisInputError
 from .inference.result import SegmentationResult
-from .inference.segmenter import Cancel, Segmenter, resolve_device
+from .inference.segmenter import Segmenter, resolve_device
 from .inference.task import Colour, TaskEmbedding
-from .progress import span
-from .worker import Progress, Worker
+from .progress import Cancel, Progress, span
+from .worker import Worker
 
 WRITE_AT = 0.97  # share of a run's progress done when the segments are about to be added
 

@@ -6,7 +6,10 @@ tuning between two structures or steps, loading only once the model has loaded. 
 """
 from __future__ import annotations
 
-from .worker import Progress
+from typing import Callable
+
+Progress = Callable[[float, str], None]  # (fraction done, message), called by every long step
+Cancel = Callable[[], bool]  # True once the user asked to stop
 
 # (message keyword, step, when Cancel takes effect in that step), first match wins
 STEPS: tuple[tuple[str, str, str], ...] = (

@@ -11,7 +11,7 @@ import queue
 import threading
 from typing import Callable
 
-Progress = Callable[[float, str], None]
+from .progress import Progress
 
 
 class CancelToken:

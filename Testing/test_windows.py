@@ -12,7 +12,7 @@ import torch
 
 from IrisSegmentLib.inference.segmenter import Segmenter
 from IrisSegmentLib.errors import IrisInputError
-from IrisSegmentLib.inference.windows import coarse_starts, coarse_tile, gaussian_weights, pad_to_window, starts, tile
+from IrisSegmentLib.inference.windows import coarse_starts, gaussian_weights, pad_to_window, starts, tile
 
 WINDOW = (32, 32, 32)
 SIZES = [1, 5, 31, 32, 33, 40, 63, 64, 65, 97]

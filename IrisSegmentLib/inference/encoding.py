@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 from ..errors import Cancelled, IrisInputError
+from ..progress import Cancel, Progress
 from .geometry import WorkingGrid
-from .localise import Cancel, Progress, make_atlas
+from .localise import make_atlas
 from .postprocess import pieces
 from .prepare import check_volume, finite
 from .task import Colour, TaskEmbedding, tune

@@ -11,19 +11,18 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
 
 from ..config import LocaliseConfig
 from ..errors import Cancelled
+from ..progress import Cancel, Progress
 
 if TYPE_CHECKING:
     from .localise import Atlas
 
-Progress = Callable[[float, str], None]
-Cancel = Callable[[], bool]
 JOB = Path(__file__).with_name("greedy_job.py")
 
 

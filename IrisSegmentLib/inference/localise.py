@@ -24,8 +24,9 @@ import torch.nn.functional as F
 
 from ..config import LocaliseConfig
 from ..errors import Cancelled
+from ..progress import Cancel, Progress
 from .body import foreground_box
-from .greedy import Cancel, Progress, run_greedy
+from .greedy import run_greedy
 from .prepare import Prepared
 
 

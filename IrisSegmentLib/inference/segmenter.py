@@ -16,11 +16,12 @@ import torch
 
 from ..config import LOCALISE_MODES, BundleConfig
 from ..errors import IrisInputError
+from ..progress import Cancel, Progress
 from .body import crop_affine, raw_body_box
 from .confidence import Calibration, features, load_calibration, prior_agreement
 from .encoding import ReferenceEncoding
 from .labelmap import paste, to_label_map
-from .localise import Cancel, Localisation, Progress, greedy_available, localise, unlocalised
+from .localise import Localisation, greedy_available, localise, unlocalised
 from .merge import GaussianBlend, combine_prior
 from .postprocess import postprocess
 from .prepare import Prepared, check_volume, prepare

@@ -1,16 +1,12 @@
 """Stage 3, run windows: batches of window crops through the network into a `GaussianBlend`."""
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from ..errors import Cancelled
+from ..progress import Cancel, Progress
 from .merge import GaussianBlend
 from .runtime import Runtime
-
-Progress = Callable[[float, str], None]
-Cancel = Callable[[], bool]
 
 
 def run_windows(model, runtime: Runtime, padded: torch.Tensor, origins: list, tokens: torch.Tensor, blend: GaussianBlend,

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from ..atomic import atomic_path
 from ..errors import Cancelled, IrisInputError
+from ..progress import Cancel, Progress
 from .localise import Atlas
 
 Colour = tuple[float, float, float]
@@ -172,8 +173,8 @@ def tune(
     steps: int = 20,
     lr: float = 1e-2,
     loss_fn: Callable | None = None,
-    progress: Callable[[float, str], None] | None = None,
-    cancel: Callable[[], bool] | None = None,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
 ) -> torch.Tensor:
     """In-context tuning: optimise only the task tokens (network frozen) on labelled crops.
 

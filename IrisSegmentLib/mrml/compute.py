@@ -8,9 +8,8 @@ from typing import Sequence
 from ..config import LOCALISE_MODES
 from ..engine import Engine, SegmentInfo, default_engine
 from ..errors import IrisInputError
-from ..inference.segmenter import Cancel
 from ..inference.task import TaskEmbedding
-from ..worker import Progress
+from ..progress import Cancel, Progress
 from .convert import volume_array
 from .read import read_extra_reference, read_reference
 from .write import Pending, before_writing, create_output_segmentation, write_segments

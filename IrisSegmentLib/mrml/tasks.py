@@ -8,9 +8,8 @@ from typing import Sequence
 
 from ..engine import Engine, default_engine
 from ..errors import IrisInputError
-from ..inference.segmenter import Cancel
 from ..inference.task import TaskEmbedding
-from ..worker import Progress
+from ..progress import Cancel, Progress
 from .read import read_extra_reference, read_reference
 
 TASK_SUFFIX = ".task.safetensors"

@@ -9,9 +9,8 @@ import slicer
 
 from ..engine import WRITE_AT, RunInfo, SegmentInfo
 from ..errors import Cancelled, IrisInputError
-from ..inference.segmenter import Cancel
 from ..inference.task import Colour
-from ..worker import Progress
+from ..progress import Cancel, Progress
 from .convert import BINARY_LABELMAP, oriented_image, to_world
 
 ESTIMATED_DICE_TAG = "IrisSegment.EstimatedDice"  # segment tags: saved with the scene and in .seg.nrrd

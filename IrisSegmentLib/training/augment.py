@@ -52,7 +52,6 @@ def random_curve(images: list[torch.Tensor], g: torch.Generator, knots: int = 5)
     invert or fold the contrast) applied to every image, each then z-scored: one new 'modality'."""
     lo = min(float(i.min()) for i in images)
     hi = max(float(i.max()) for i in images)
-    xs = torch.linspace(lo, hi + 1e-6, knots)
     ys = torch.rand(knots, generator=g)
     out = []
     for img in images:
