@@ -99,6 +99,8 @@ class InferenceConfig:
     coarse_threshold: float = 0.1  # coarse probability that marks a region for the overlapping windows
     coarse_margin: int = 8  # working voxels around that region also refined
     cpu_precision: str = "auto"  # "bf16", "fp32", or "auto": bf16 where the CPU computes it natively
+    polarity: str = "auto"  # MR: "auto" inverts reference and target alike where that lets the network segment the
+    # reference (self-Dice) and as is it cannot (encoding.choose_polarity); "keep": never
 
 
 @dataclass(frozen=True)
@@ -209,9 +211,12 @@ class BundleConfig:
         model.validate()
         localise = LocaliseConfig(**_tuple_fields(LocaliseConfig, data.get("localise", {})))
         localise.validate()
+        inference = InferenceConfig(**_tuple_fields(InferenceConfig, data.get("inference", {})))
+        if inference.polarity not in ("auto", "keep"):
+            raise ValueError(f"inference polarity must be auto or keep, not {inference.polarity!r}")
         return cls(
             model=model,
-            inference=InferenceConfig(**_tuple_fields(InferenceConfig, data.get("inference", {}))),
+            inference=inference,
             training=TrainingConfig(**_tuple_fields(TrainingConfig, data.get("training", {}))),
             localise=localise,
         )

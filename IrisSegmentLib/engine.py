@@ -132,9 +132,11 @@ class Engine:
         names, colours = [i.name for i in infos], [i.colour for i in infos]
         encoded = 0.3 if tuning_steps > 0 else 1.0  # share of `report` for encoding
         n = len(references)
-        tasks = [_encode(segmenter, r, names, colours, span(report, encoded * j / n, encoded * (j + 1) / n,
-                                                            f"reference {j + 1}/{n}: " if n > 1 else ""), cancel)
-                 for j, r in enumerate(references)]
+        tasks: list[TaskEmbedding] = []
+        for j, r in enumerate(references):  # every reference with the intensity polarity chosen for the first
+            tasks.append(_encode(segmenter, r, names, colours, span(report, encoded * j / n, encoded * (j + 1) / n,
+                                                                    f"reference {j + 1}/{n}: " if n > 1 else ""), cancel,
+                                 tasks[0].polarity if tasks else None))
         task = TaskEmbedding.ensemble(tasks) if len(tasks) > 1 else tasks[0]
         if tuning_steps > 0:
             task = segmenter.tune(task, [(r.image, r.affine, r.label_map()) for r in references], steps=tuning_steps,
@@ -202,17 +204,19 @@ class Engine:
 
 
 def _encode(segmenter: Segmenter, ref: Reference, names: list[str], colours: list[Colour], report: Progress,
-            cancel: Cancel | None) -> TaskEmbedding:
-    """One reference's embedding; overlapping segments are encoded one by one so none hides another."""
+            cancel: Cancel | None, polarity: float | None = None) -> TaskEmbedding:
+    """One reference's embedding (`polarity` None: chosen); overlapping segments are encoded one by one so none hides
+    another, all with the polarity chosen for the first."""
     if ref.disjoint():
         return segmenter.encode(ref.image, ref.affine, ref.label_map(), ref.labels, [names[v - 1] for v in ref.labels],
-                                [colours[v - 1] for v in ref.labels], progress=report, cancel=cancel)
+                                [colours[v - 1] for v in ref.labels], progress=report, cancel=cancel, polarity=polarity)
     k = len(ref.labels)
-    return TaskEmbedding.ensemble([
-        segmenter.encode(ref.image, ref.affine, mask.astype(np.uint8) * v, [v], [names[v - 1]], [colours[v - 1]],
-                         progress=span(report, i / k, (i + 1) / k), cancel=cancel)
-        for i, (mask, v) in enumerate(zip(ref.masks, ref.labels))
-    ])
+    tasks: list[TaskEmbedding] = []
+    for i, (mask, v) in enumerate(zip(ref.masks, ref.labels)):
+        tasks.append(segmenter.encode(ref.image, ref.affine, mask.astype(np.uint8) * v, [v], [names[v - 1]], [colours[v - 1]],
+                                      progress=span(report, i / k, (i + 1) / k), cancel=cancel,
+                                      polarity=tasks[0].polarity if tasks else polarity))
+    return TaskEmbedding.ensemble(tasks)
 
 
 def _gpu_memory(device: str) -> str:

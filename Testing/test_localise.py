@@ -17,6 +17,7 @@ from conftest import REPO_ROOT, dice, ellipsoid_mask, make_affine, rot_x, rot_y,
 from IrisSegmentLib import Cancelled, IrisInputError, Segmenter, TaskEmbedding
 from IrisSegmentLib.inference import greedy as greedy_module
 from IrisSegmentLib.inference import localise as localise_module
+from IrisSegmentLib.inference.body import grown_box
 from IrisSegmentLib.inference.localise import block_factor, body_box, coarse_affine, coarsen
 from IrisSegmentLib.inference.postprocess import pieces, postprocess
 
@@ -314,6 +315,12 @@ def test_body_box_finds_a_scan_in_a_large_noisy_field():
     assert all(s - a <= 4 and b - e <= 4 for a, b, s, e in zip(lo, hi, (40, 30, 20), (70, 55, 40)))  # 4x coarse steps
     crop = body_box(torch.from_numpy(field[40:70, 30:55, 20:40].copy())[None], 1.5, 0.0)
     assert [(b.start, b.stop) for b in crop] == [(0, 30), (0, 25), (0, 20)]  # no background: its own box
+
+
+def test_grown_box_scales_widens_and_clips():
+    found = (np.array([2, 0, 5]), np.array([6, 3, 9]))
+    assert grown_box(found, 4, 1, (40, 40, 40)) == (slice(7, 25), slice(0, 13), slice(19, 37))
+    assert grown_box(found, 4, np.array([0, 2, 9]), (30, 30, 36), slack=4) == (slice(4, 28), slice(0, 18), slice(7, 36))
 
 
 def test_coarse_grid_maps_back_exactly():

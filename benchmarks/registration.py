@@ -131,7 +131,7 @@ def checks(seg, root, log=lambda m: None) -> list[dict]:
         ref, qry = load_case(refs[ri]), load_case(targets[qi])
         task = seg.encode(*ref, labels=[v for v in LABELS[ref_ds] if (ref[2] == v).any()], confidence=False)
         box = seg.body(qry[0], qry[1])
-        loc = seg.localise(seg.prepare(qry[0][box], crop_affine(qry[1], box)), task, "registration")
+        loc = seg.localise(seg.prepare(qry[0][box], crop_affine(qry[1], box), polarity=task.polarity), task, "registration")
         rows.append({"pair": f"{ref_ds} -> {target_ds}", "similarity": loc.similarity[0] if loc.similarity else float("nan"),
                      "inside": loc.inside[0] if loc.inside else float("nan"), "taken": loc.method == "registration",
                      "warning": next((w for w in loc.warnings if w.startswith("reference")), "")})

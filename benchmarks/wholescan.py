@@ -56,7 +56,7 @@ def embed(volume: Volume, shape=EMBED_SHAPE, at=EMBED_AT, seed: int = 0) -> Volu
 def registration_alone(seg: Segmenter, task, query: Volume) -> np.ndarray:
     """The reference's masks warped onto the query by the engine's own localisation; empty where it fails."""
     box = seg.body(query[0], query[1])
-    target = seg.prepare(query[0][box], crop_affine(query[1], box))
+    target = seg.prepare(query[0][box], crop_affine(query[1], box), polarity=task.polarity)
     loc = seg.localise(target, task, "registration")
     if loc.prior is None:
         return np.zeros(query[0].shape, np.uint8)

@@ -42,9 +42,14 @@ def raw_body_box(image: np.ndarray, affine: np.ndarray, margin_mm: float) -> tup
     found = foreground_box(np.where(ok, sample, sample[ok].min()))
     if found is None:
         return whole
-    m = np.ceil(margin_mm / spacing_of(affine)).astype(int)
-    lo = np.maximum(found[0] * s - s - m, 0)
-    hi = np.minimum(found[1] * s + s + m, image.shape)
+    return grown_box(found, s, np.ceil(margin_mm / spacing_of(affine)).astype(int), image.shape, slack=s)
+
+
+def grown_box(found: tuple[np.ndarray, np.ndarray], factor: int, margin, shape, slack: int = 0) -> tuple[slice, slice, slice]:
+    """The box in voxels of a grid of `shape` of (lo, hi) bounds found on a copy `factor` times coarser, widened by
+    `slack` voxels (what a strided sample can miss between its samples) and `margin` (one per axis, or one for all)."""
+    lo = np.maximum(found[0] * factor - slack - margin, 0)
+    hi = np.minimum(found[1] * factor + slack + margin, shape)
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 

@@ -4,6 +4,7 @@
 config, model, runtime and `prepare` stage."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Callable, Sequence
 
@@ -15,7 +16,7 @@ from ..progress import Cancel, Progress
 from .geometry import WorkingGrid
 from .localise import make_atlas
 from .postprocess import pieces
-from .prepare import check_volume, finite
+from .prepare import Prepared, check_volume, finite
 from .task import Colour, TaskEmbedding, tune
 
 
@@ -65,9 +66,10 @@ class ReferenceEncoding:
 
     def encode(self, image, affine, label, labels: list[int] | None = None, names: list[str] | None = None,
                colours: list[Colour] | None = None, modality: str = "auto", confidence: bool = True,
-               progress: Progress | None = None, cancel: Cancel | None = None) -> TaskEmbedding:
+               progress: Progress | None = None, cancel: Cancel | None = None, polarity: float | None = None) -> TaskEmbedding:
         """Task embedding of the structures `labels` (default: every non-zero value) in one reference;
-        `confidence`: also segment the reference crops with it (self-Dice, a confidence feature).
+        `confidence`: also segment the reference crops with it (self-Dice, a confidence feature, and what
+        `choose_polarity` decides by). `polarity`: 1 (as is) or -1 (intensities inverted), None: chosen.
         `progress` is told each structure; `cancel()` is checked before each (raises Cancelled)."""
         img = check_volume(image, "reference image")
         lab = check_volume(label, "reference label")
@@ -82,15 +84,50 @@ class ReferenceEncoding:
         if missing:
             raise IrisInputError(f"label(s) {missing} not in the reference label map (it has {present}): pick from those, or draw it on the reference first")
         ref = self.prepare(img, affine, modality, "reference image")
-        work, grid = ref.work, ref.grid
         if ref.constant:
             warnings.warn("reference image is constant: its task embedding carries no appearance information")
-        masks = working_masks(grid, lab, labels)
+        masks = working_masks(ref.grid, lab, labels)
+        report = progress or (lambda f, m: None)
+        if polarity is None:
+            polarity, tokens, stats = self.choose_polarity(ref, masks, labels, confidence, report, cancel)
+        else:
+            tokens, stats = self.encode_structures(ref.work if polarity > 0 else -ref.work, masks, labels, confidence, report, cancel)
+        if polarity < 0:
+            ref = dataclasses.replace(ref, work=-ref.work)
+        atlas = make_atlas(ref, masks, labels, self.config.localise, float(self.config.model.spacing[0]))
+        return TaskEmbedding(torch.stack(tokens), labels, list(names or []), list(colours or []), self.model_id, stats, [atlas],
+                             float(polarity))
+
+    def choose_polarity(self, ref: Prepared, masks: torch.Tensor, labels: list[int], confidence: bool, report: Progress,
+                        cancel: Cancel | None) -> tuple[float, list[torch.Tensor], list[dict]]:
+        """(polarity, tokens, stats): as is, unless the network cannot segment the reference's structures (mean self-Dice
+        below `localise.min_self_dice`) and can with the intensities inverted (mean self-Dice at least that, and higher):
+        a contrast the network knows the other way round (an inverted or T2-like sequence). MR only (CT's Hounsfield
+        units have one sense); with `confidence` (the self-Dice) and `inference.polarity` "auto"."""
+        tokens, stats = self.encode_structures(ref.work, masks, labels, confidence, report, cancel)
+        floor = self.config.localise.min_self_dice
+        if not confidence or ref.modality == "ct" or self.config.inference.polarity != "auto":
+            return 1.0, tokens, stats
+        as_is = float(np.mean([s.get("self_dice", 0.0) for s in stats]))
+        if as_is >= floor:
+            return 1.0, tokens, stats
+        inv_tokens, inv_stats = self.encode_structures(-ref.work, masks, labels, confidence,
+                                                       lambda f, m: report(1.0, f"{m}, intensities inverted"), cancel)
+        inverted = float(np.mean([s.get("self_dice", 0.0) for s in inv_stats]))
+        if inverted < floor or inverted <= as_is:
+            return 1.0, tokens, stats
+        warnings.warn(f"the network segments the reference better with its intensities inverted (self-Dice {inverted:.2f} "
+                      f"against {as_is:.2f}): reference and target are segmented so (inference.polarity: keep turns this off)")
+        return -1.0, inv_tokens, inv_stats
+
+    def encode_structures(self, work: torch.Tensor, masks: torch.Tensor, labels: list[int], check: bool, report: Progress,
+                          cancel: Cancel | None) -> tuple[list[torch.Tensor], list[dict]]:
+        """Per structure, its task tokens (mean over its window crops) and statistics ({"ml", "pieces"}, with `check`
+        also "self_dice": the task segmenting its first crop)."""
         win = self.config.model.window
         fill = float(work.min())
         tokens, stats = [], []
         voxel_ml = float(np.prod(self.config.model.spacing)) / 1000.0
-        report = progress or (lambda f, m: None)
         with torch.inference_mode():
             for k in range(len(labels)):
                 if cancel is not None and cancel():
@@ -101,7 +138,7 @@ class ReferenceEncoding:
                     im = extract(work, origin, win, fill)[None]
                     mk = extract(masks[k : k + 1], origin, win, 0.0)[None]
                     if float(mk.sum()) > 0:
-                        t, self_dice = self._encode_crop(im, mk, confidence and "self_dice" not in stat)  # first crop only
+                        t, self_dice = self._encode_crop(im, mk, check and "self_dice" not in stat)  # first crop only
                         crops.append(t)
                         if self_dice is not None:
                             stat["self_dice"] = self_dice
@@ -109,8 +146,7 @@ class ReferenceEncoding:
                     raise IrisInputError(f"label {labels[k]} is too small to see at the working spacing {self.config.model.spacing} mm: draw it larger, or use another reference")
                 tokens.append(torch.stack(crops).mean(0))
                 stats.append(stat)
-        atlas = make_atlas(ref, masks, labels, self.config.localise, float(self.config.model.spacing[0]))
-        return TaskEmbedding(torch.stack(tokens), labels, list(names or []), list(colours or []), self.model_id, stats, [atlas])
+        return tokens, stats
 
     def _until_fits(self, run: Callable[[], torch.Tensor]) -> torch.Tensor:
         """`run()`, retried on the CPU after CUDA out of memory (a single window cannot be split)."""
@@ -134,12 +170,15 @@ class ReferenceEncoding:
 
     def encode_references(self, references: list[tuple], labels: list[int] | None = None, names=None, colours=None,
                           modality: str = "auto", progress: Progress | None = None, cancel: Cancel | None = None) -> TaskEmbedding:
-        """Context ensemble: the mean task embedding of several (image, affine, label) references."""
+        """Context ensemble: the mean task embedding of several (image, affine, label) references, all encoded with
+        the intensity polarity chosen for the first."""
         report, n = progress or (lambda f, m: None), len(references)
-        return TaskEmbedding.ensemble([
-            self.encode(i, a, l, labels, names, colours, modality, cancel=cancel,
-                        progress=lambda f, m, j=j: report((j + f) / n, f"reference {j + 1}/{n}: {m}"))
-            for j, (i, a, l) in enumerate(references)])
+        tasks: list[TaskEmbedding] = []
+        for j, (i, a, l) in enumerate(references):
+            tasks.append(self.encode(i, a, l, labels, names, colours, modality, cancel=cancel,
+                                     progress=lambda f, m, j=j: report((j + f) / n, f"reference {j + 1}/{n}: {m}"),
+                                     polarity=tasks[0].polarity if tasks else None))
+        return TaskEmbedding.ensemble(tasks)
 
     def tune(self, task: TaskEmbedding, references: list[tuple], steps: int = 20, lr: float = 1e-2, modality: str = "auto",
              progress: Progress | None = None, cancel: Cancel | None = None) -> TaskEmbedding:
@@ -148,7 +187,7 @@ class ReferenceEncoding:
         win = self.config.model.window
         ims, mks = [], []
         for image, affine, label in references:
-            prepared = self.prepare(image, affine, modality, "tuning image")
+            prepared = self.prepare(image, affine, modality, "tuning image", task.polarity)
             work, grid = prepared.work, prepared.grid
             lab = np.rint(np.asarray(label)).astype(np.int64)
             masks = working_masks(grid, lab, task.labels)

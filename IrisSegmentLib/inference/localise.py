@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..config import LocaliseConfig
 from ..errors import Cancelled
 from ..progress import Cancel, Progress
-from .body import foreground_box
+from .body import foreground_box, grown_box
 from .greedy import run_greedy
 from .prepare import Prepared
 
@@ -109,10 +109,7 @@ def body_box(work: torch.Tensor, spacing: float, margin_mm: float) -> tuple[slic
     found = foreground_box(coarsen(work[:1], whole, f)[0].numpy())
     if found is None:
         return whole
-    m = int(math.ceil(margin_mm / spacing))
-    lo = np.maximum(found[0] * f - m, 0)
-    hi = np.minimum(found[1] * f + m, work.shape[1:])
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    return grown_box(found, f, int(math.ceil(margin_mm / spacing)), work.shape[1:])
 
 
 def block_factor(shape, max_voxels: int) -> int:

@@ -102,9 +102,13 @@ class Segmenter(ReferenceEncoding):
         return overlap
 
     # -- stages ------------------------------------------------------------------------------
-    def prepare(self, image, affine, modality: str = "auto", what: str = "target image") -> Prepared:
-        """Stage 1: the image checked, normalised and on the working grid."""
-        return prepare(image, affine, modality, self.config.model.spacing, self.config.inference, what)
+    def prepare(self, image, affine, modality: str = "auto", what: str = "target image", polarity: float = 1.0) -> Prepared:
+        """Stage 1: the image checked, normalised and on the working grid; `polarity` -1: intensities inverted, as a
+        task's references were (`TaskEmbedding.polarity`)."""
+        out = prepare(image, affine, modality, self.config.model.spacing, self.config.inference, what)
+        if polarity < 0:
+            out.work.neg_()
+        return out
 
     def body(self, image: np.ndarray, affine) -> tuple[slice, ...]:
         """Stage 1a, with localisation: the target's body box in its own voxels (`localise.body_margin_mm` around what
@@ -194,7 +198,7 @@ class Segmenter(ReferenceEncoding):
         found = [v for v in task.labels if (first.label_map == v).any()]
         if not found:
             return first, [[] for _ in task.labels]
-        own = self.encode(image, affine, first.label_map, labels=found, modality=modality)
+        own = self.encode(image, affine, first.label_map, labels=found, modality=modality, polarity=task.polarity)
         hits = dict(zip(found, self.bank.retrieve(own.tokens, top_k)))
         tokens = task.tokens.clone()
         for i, v in enumerate(task.labels):
@@ -231,7 +235,7 @@ class Segmenter(ReferenceEncoding):
         image = check_volume(image, "target image")
         shape = tuple(image.shape[:3])
         box = self.body(image, affine) if mode != "none" else tuple(slice(0, n) for n in shape)
-        target = self.prepare(image[box], crop_affine(affine, box), modality, "target image")
+        target = self.prepare(image[box], crop_affine(affine, box), modality, "target image", task.polarity)
         grid = target.grid
         lap("prepare")
         if target.constant:

@@ -32,7 +32,8 @@ class TaskEmbedding:
     `references`: per class what the confidence estimate needs from the reference ({"ml": volume,
     "self_dice": Dice of the task on its own reference crop, "pieces": its connected parts}), empty for bank or
     loaded old tasks; `atlases`: the references themselves, coarse, for localisation by registration (none for
-    a memory-bank task)."""
+    a memory-bank task); `polarity`: -1 where the references were encoded with their intensities inverted
+    (`encoding.choose_polarity`), and targets are then inverted alike."""
 
     tokens: torch.Tensor
     labels: list[int]
@@ -41,6 +42,7 @@ class TaskEmbedding:
     model_id: str = ""
     references: list[dict] = field(default_factory=list)
     atlases: list[Atlas] = field(default_factory=list)
+    polarity: float = 1.0
 
     def __post_init__(self):
         k = self.tokens.shape[0]
@@ -58,16 +60,17 @@ class TaskEmbedding:
         refs = [self.references[i] for i in idx] if self.references else []
         atlases = [a.select([v for v in labels if v in a.labels]) for a in self.atlases if set(labels) & set(a.labels)]
         return TaskEmbedding(self.tokens[idx], list(labels), [self.names[i] for i in idx], [self.colours[i] for i in idx],
-                             self.model_id, refs, atlases)
+                             self.model_id, refs, atlases, self.polarity)
 
     def with_tokens(self, tokens: torch.Tensor) -> "TaskEmbedding":
         """The same task with other tokens (tuned, or retrieved from the memory bank)."""
-        return TaskEmbedding(tokens, self.labels, self.names, self.colours, self.model_id, self.references, self.atlases)
+        return TaskEmbedding(tokens, self.labels, self.names, self.colours, self.model_id, self.references, self.atlases,
+                             self.polarity)
 
     def save(self, path: str | Path) -> None:
         """Writes a .safetensors file; atomic (temporary file, then rename): never a half-written task."""
         meta = {"labels": self.labels, "names": self.names, "colours": [list(c) for c in self.colours], "model_id": self.model_id,
-                "references": self.references, "atlases": [a.meta() for a in self.atlases]}
+                "references": self.references, "atlases": [a.meta() for a in self.atlases], "polarity": self.polarity}
         tensors = {"tokens": self.tokens.detach().cpu().float().contiguous()}
         for i, a in enumerate(self.atlases):
             tensors.update({k: v.contiguous() for k, v in a.tensors(f"atlas{i}.").items()})
@@ -87,7 +90,7 @@ class TaskEmbedding:
         except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as e:
             raise IrisInputError(f"{p}: not an IrisSegment task file ({e}); save one with --save-task or Save task in Slicer") from None
         return cls(tensors["tokens"], [int(v) for v in meta["labels"]], meta["names"], [tuple(c) for c in meta["colours"]],
-                   meta["model_id"], meta.get("references", []), atlases)
+                   meta["model_id"], meta.get("references", []), atlases, float(meta.get("polarity", 1.0)))
 
     @staticmethod
     def ensemble(tasks: list["TaskEmbedding"]) -> "TaskEmbedding":
@@ -97,6 +100,9 @@ class TaskEmbedding:
         ids = {t.model_id for t in tasks}
         if len(ids) > 1:
             raise IrisInputError(f"task embeddings come from different models {sorted(ids)}; encode all references with one model")
+        if len({t.polarity for t in tasks}) > 1:
+            raise IrisInputError("the references were encoded with opposite intensity polarities (their contrasts differ): "
+                                 "encode them together (Segmenter.encode_references), or give references of one contrast")
         first = tasks[0]
         labels = list(dict.fromkeys(v for t in tasks for v in t.labels))
         tokens, names, colours, refs = [], [], [], []
@@ -109,7 +115,7 @@ class TaskEmbedding:
             stats = [t.references[t.labels.index(v)] for t in have if t.references]
             refs.append({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]} if len(stats) == len(have) else {})
         return TaskEmbedding(torch.stack(tokens), labels, names, colours, first.model_id,
-                             refs if all(refs) else [], [a for t in tasks for a in t.atlases])
+                             refs if all(refs) else [], [a for t in tasks for a in t.atlases], first.polarity)
 
 
 class MemoryBank:
