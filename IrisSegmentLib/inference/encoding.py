@@ -111,19 +111,22 @@ class ReferenceEncoding:
         as_is = float(np.mean([s.get("self_dice", 0.0) for s in stats]))
         if as_is >= floor:
             return 1.0, tokens, stats
-        inv_tokens, inv_stats = self.encode_structures(-ref.work, masks, labels, confidence,
-                                                       lambda f, m: report(1.0, f"{m}, intensities inverted"), cancel)
-        inverted = float(np.mean([s.get("self_dice", 0.0) for s in inv_stats]))
+        def inverted_report(f: float, m: str) -> None:
+            report(1.0, f"{m}, intensities inverted")
+
+        probe = self.encode_structures(-ref.work, masks, labels, True, inverted_report, cancel, first_crop_only=True)[1]
+        inverted = float(np.mean([s.get("self_dice", 0.0) for s in probe]))
         if inverted < floor or inverted <= as_is:
             return 1.0, tokens, stats
         warnings.warn(f"the network segments the reference better with its intensities inverted (self-Dice {inverted:.2f} "
                       f"against {as_is:.2f}): reference and target are segmented so (inference.polarity: keep turns this off)")
-        return -1.0, inv_tokens, inv_stats
+        inv_tokens, inv_stats = self.encode_structures(-ref.work, masks, labels, False, inverted_report, cancel)
+        return -1.0, inv_tokens, [{**s, "self_dice": p["self_dice"]} for s, p in zip(inv_stats, probe)]
 
     def encode_structures(self, work: torch.Tensor, masks: torch.Tensor, labels: list[int], check: bool, report: Progress,
-                          cancel: Cancel | None) -> tuple[list[torch.Tensor], list[dict]]:
-        """Per structure, its task tokens (mean over its window crops) and statistics ({"ml", "pieces"}, with `check`
-        also "self_dice": the task segmenting its first crop)."""
+                          cancel: Cancel | None, first_crop_only: bool = False) -> tuple[list[torch.Tensor], list[dict]]:
+        """Per structure, its task tokens (mean over its window crops, or its first crop's alone) and statistics
+        ({"ml", "pieces"}, with `check` also "self_dice": the task segmenting its first crop)."""
         win = self.config.model.window
         fill = float(work.min())
         tokens, stats = [], []
@@ -142,6 +145,8 @@ class ReferenceEncoding:
                         crops.append(t)
                         if self_dice is not None:
                             stat["self_dice"] = self_dice
+                        if first_crop_only:
+                            break
                 if not crops:
                     raise IrisInputError(f"label {labels[k]} is too small to see at the working spacing {self.config.model.spacing} mm: draw it larger, or use another reference")
                 tokens.append(torch.stack(crops).mean(0))
