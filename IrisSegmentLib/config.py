@@ -102,6 +102,10 @@ class InferenceConfig:
     polarity: str = "auto"  # MR: "auto" inverts reference and target alike where that lets the network segment the
     # reference (self-Dice) and as is it cannot (encoding.choose_polarity); "keep": never
 
+    def validate(self) -> None:
+        if self.polarity not in ("auto", "keep"):
+            raise ValueError(f"inference polarity must be auto or keep, not {self.polarity!r}")
+
 
 @dataclass(frozen=True)
 class TrainingConfig:
@@ -212,8 +216,7 @@ class BundleConfig:
         localise = LocaliseConfig(**_tuple_fields(LocaliseConfig, data.get("localise", {})))
         localise.validate()
         inference = InferenceConfig(**_tuple_fields(InferenceConfig, data.get("inference", {})))
-        if inference.polarity not in ("auto", "keep"):
-            raise ValueError(f"inference polarity must be auto or keep, not {inference.polarity!r}")
+        inference.validate()
         return cls(
             model=model,
             inference=inference,

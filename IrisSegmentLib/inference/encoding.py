@@ -4,7 +4,6 @@
 config, model, runtime and `prepare` stage."""
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from typing import Callable, Sequence
 
@@ -83,7 +82,7 @@ class ReferenceEncoding:
         missing = [v for v in labels if v not in present]
         if missing:
             raise IrisInputError(f"label(s) {missing} not in the reference label map (it has {present}): pick from those, or draw it on the reference first")
-        ref = self.prepare(img, affine, modality, "reference image")
+        ref = self.prepare(img, affine, modality, "reference image", polarity or 1.0)
         if ref.constant:
             warnings.warn("reference image is constant: its task embedding carries no appearance information")
         masks = working_masks(ref.grid, lab, labels)
@@ -91,9 +90,7 @@ class ReferenceEncoding:
         if polarity is None:
             polarity, tokens, stats = self.choose_polarity(ref, masks, labels, confidence, report, cancel)
         else:
-            tokens, stats = self.encode_structures(ref.work if polarity > 0 else -ref.work, masks, labels, confidence, report, cancel)
-        if polarity < 0:
-            ref = dataclasses.replace(ref, work=-ref.work)
+            tokens, stats = self.encode_structures(ref.work, masks, labels, confidence, report, cancel)
         atlas = make_atlas(ref, masks, labels, self.config.localise, float(self.config.model.spacing[0]))
         return TaskEmbedding(torch.stack(tokens), labels, list(names or []), list(colours or []), self.model_id, stats, [atlas],
                              float(polarity))
@@ -103,7 +100,8 @@ class ReferenceEncoding:
         """(polarity, tokens, stats): as is, unless the network cannot segment the reference's structures (mean self-Dice
         below `localise.min_self_dice`) and can with the intensities inverted (mean self-Dice at least that, and higher):
         a contrast the network knows the other way round (an inverted or T2-like sequence). MR only (CT's Hounsfield
-        units have one sense); with `confidence` (the self-Dice) and `inference.polarity` "auto"."""
+        units have one sense); with `confidence` (the self-Dice) and `inference.polarity` "auto". `ref.work` is negated in
+        place, and left so where -1 is chosen."""
         tokens, stats = self.encode_structures(ref.work, masks, labels, confidence, report, cancel)
         floor = self.config.localise.min_self_dice
         if not confidence or ref.modality == "ct" or self.config.inference.polarity != "auto":
@@ -111,16 +109,19 @@ class ReferenceEncoding:
         as_is = float(np.mean([s.get("self_dice", 0.0) for s in stats]))
         if as_is >= floor:
             return 1.0, tokens, stats
+
         def inverted_report(f: float, m: str) -> None:
             report(1.0, f"{m}, intensities inverted")
 
-        probe = self.encode_structures(-ref.work, masks, labels, True, inverted_report, cancel, first_crop_only=True)[1]
+        ref.work.neg_()
+        probe = self.encode_structures(ref.work, masks, labels, True, inverted_report, cancel, first_crop_only=True)[1]
         inverted = float(np.mean([s.get("self_dice", 0.0) for s in probe]))
         if inverted < floor or inverted <= as_is:
+            ref.work.neg_()
             return 1.0, tokens, stats
         warnings.warn(f"the network segments the reference better with its intensities inverted (self-Dice {inverted:.2f} "
                       f"against {as_is:.2f}): reference and target are segmented so (inference.polarity: keep turns this off)")
-        inv_tokens, inv_stats = self.encode_structures(-ref.work, masks, labels, False, inverted_report, cancel)
+        inv_tokens, inv_stats = self.encode_structures(ref.work, masks, labels, False, inverted_report, cancel)
         return -1.0, inv_tokens, [{**s, "self_dice": p["self_dice"]} for s, p in zip(inv_stats, probe)]
 
     def encode_structures(self, work: torch.Tensor, masks: torch.Tensor, labels: list[int], check: bool, report: Progress,
