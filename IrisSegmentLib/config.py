@@ -161,6 +161,9 @@ class LocaliseConfig:
     prior_sigma_mm: float = 3.0  # Gaussian blur of the warped masks: registration's uncertainty
     prior_weight: float = 0.5  # p = w * prior + (1 - w) * network inside the dilated prior; 0 outside
     min_self_dice: float = 0.5  # a class whose reference crop the network segments worse gets the warped masks alone
+    appearance_iterations: int = 3  # EM rounds refining those warped masks by the target's intensities; 0: off
+    appearance_bins: int = 32  # intensity histogram bins of that EM (appearance.py)
+    appearance_sigma_mm: float = 1.5  # Gaussian blur of the warped masks as that EM's prior
     min_similarity: float = 0.2  # after registration: image similarity below this is a failed registration
     min_inside: float = 0.5  # a prior with less of the reference structures' volume inside the target failed
     max_scale: float = 5.0  # an affine changing volumes by more than this factor (or mirroring) failed
@@ -173,6 +176,9 @@ class LocaliseConfig:
             raise ValueError(f"localise metric must be auto, ncc or nmi, not {self.metric!r}")
         if not 0.0 <= self.prior_weight <= 1.0:
             raise ValueError(f"localise prior_weight must be in [0, 1], not {self.prior_weight}")
+        if self.appearance_iterations < 0 or self.appearance_bins < 2 or self.appearance_sigma_mm < 0:
+            raise ValueError("localise appearance_iterations must be >= 0, appearance_bins >= 2 and appearance_sigma_mm "
+                             f">= 0, not {self.appearance_iterations}, {self.appearance_bins}, {self.appearance_sigma_mm}")
 
 
 def _tuple_fields(cls, data: dict) -> dict:

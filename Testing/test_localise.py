@@ -364,19 +364,25 @@ def test_postprocess_is_used_and_can_be_left_out(seg, task):
     assert task.references[0]["pieces"] == 1.0
 
 
-def test_a_class_the_network_cannot_do_gets_the_registration(seg, task):
+def test_a_class_the_network_cannot_do_gets_the_registration_refined_by_appearance(seg, task):
     """Where the network segments its own reference crop worse than `min_self_dice`, the class is the warped masks
-    alone (the oracle's bright blobs do not leak in); a trusted class mixes network and prior."""
+    (the oracle's bright blobs do not leak in), refined by the target's intensities (`appearance.py`: at least as
+    close to the truth), or as warped with `appearance_iterations` 0; a trusted class mixes network and prior."""
     from IrisSegmentLib.inference.labelmap import to_label_map
 
     img, _ = phantom((72, 80, 70), TARGET_AFFINE, shift=(6.0, -5.0, 4.0))
+    truth = phantom((72, 80, 70), TARGET_AFFINE, shift=(6.0, -5.0, 4.0))[1]
     weak = TaskEmbedding(task.tokens, task.labels, model_id=task.model_id, references=[{"self_dice": 0.1}], atlases=task.atlases)
     strong = TaskEmbedding(task.tokens, task.labels, model_id=task.model_id, references=[{"self_dice": 0.9}], atlases=task.atlases)
     assert seg.trusted(weak) == [False] and seg.trusted(strong) == [True]
     target = seg.prepare(img, TARGET_AFFINE)
     loc = seg.localise(target, weak, "registration")
     registered = to_label_map(loc.warped_masks(), target.grid, task.labels, 0.5)
-    res = seg.segment(img, TARGET_AFFINE, weak, localise="registration", confidence=False, postprocess=False)
+    refined = seg.segment(img, TARGET_AFFINE, weak, localise="registration", confidence=False, postprocess=False)
+    assert dice(refined.label_map == 1, truth) >= dice(registered == 1, truth) - 0.01
+    as_warped = Segmenter(seg.model, dataclasses.replace(seg.config, localise=dataclasses.replace(
+        seg.config.localise, appearance_iterations=0)), "cpu")
+    res = as_warped.segment(img, TARGET_AFFINE, weak, localise="registration", confidence=False, postprocess=False)
     assert dice(res.label_map == 1, registered == 1) > 0.95  # two registrations: Greedy threads round differently
     mixed = seg.segment(img, TARGET_AFFINE, strong, localise="registration", confidence=False, postprocess=False)
     assert (mixed.label_map == 1).sum() > (res.label_map == 1).sum()  # the oracle fires beyond the prior's core

@@ -1,10 +1,10 @@
 """The engine: reference encoding (`encoding.py`), and segmentation of a target as a short story over public stages:
 
-    prepare -> localise -> plan windows -> run windows -> merge (+ prior) -> label map -> post-process
+    prepare -> localise -> plan windows -> run windows -> merge (+ prior, + appearance) -> label map -> post-process
 
 Each stage is a public function of its own module (`prepare.py`, `localise.py`, `windows.py`, `sliding.py`,
-`merge.py`, `labelmap.py`, `postprocess.py`); `Segmenter.segment` tells the story, and a benchmark, the batch
-runner or Slicer can call any stage on its own. Per-stage seconds come back in the result."""
+`merge.py`, `appearance.py`, `labelmap.py`, `postprocess.py`); `Segmenter.segment` tells the story, and a benchmark,
+the batch runner or Slicer can call any stage on its own. Per-stage seconds come back in the result."""
 from __future__ import annotations
 
 import time
@@ -17,6 +17,7 @@ import torch
 from ..config import LOCALISE_MODES, BundleConfig
 from ..errors import IrisInputError
 from ..progress import Cancel, Progress
+from .appearance import refine
 from .body import crop_affine, raw_body_box
 from .confidence import Calibration, features, load_calibration, prior_agreement
 from .encoding import ReferenceEncoding
@@ -250,13 +251,15 @@ class Segmenter(ReferenceEncoding):
         lap("localise")
         probs, spread, n_windows = self.probabilities(target.work, task.tokens, overlap, report, cancel, strategy, confidence,
                                                       loc.region, loc.prior)
+        work = target.work[0]
         del target
         lap("windows")
         feats: dict[int, dict[str, float]] = {}
         estimated: dict[int, float] = {}
         if loc.prior is not None:
             agreement = prior_agreement(probs, loc.prior, loc.region)
-            self.merge_prior(probs, loc, task)
+            self.merge_prior(probs, loc, task, work)
+        del work
         if confidence:
             voxel_ml = float(np.prod(self.config.model.spacing)) / 1000.0
             rows = features(probs, spread, voxel_ml, task.references)
@@ -288,16 +291,22 @@ class Segmenter(ReferenceEncoding):
         refs = task.references or [{}] * len(task.labels)
         return [r.get("self_dice", 1.0) >= floor for r in refs]
 
-    def merge_prior(self, probs: torch.Tensor, loc: Localisation, task: TaskEmbedding) -> torch.Tensor:
+    def merge_prior(self, probs: torch.Tensor, loc: Localisation, task: TaskEmbedding, work: torch.Tensor) -> torch.Tensor:
         """Stage 5, in place: trusted classes `prior_weight * prior + (1 - prior_weight) * network` inside the region;
-        the others (the network cannot segment its own reference) the warped masks alone; 0 outside the region."""
+        the others (the network cannot segment its own reference) the warped masks alone, refined by the target's
+        intensities `work` (X, Y, Z) (`appearance.py`; `localise.appearance_iterations` 0: as warped); 0 outside."""
+        cfg = self.config.localise
         trusted = self.trusted(task)
-        weights = torch.tensor([self.config.localise.prior_weight if t else 1.0 for t in trusted])
+        weights = torch.tensor([cfg.prior_weight if t else 1.0 for t in trusted])
         prior = loc.prior
         if not all(trusted):
             prior = prior.clone()
             rest = [k for k, t in enumerate(trusted) if not t]
-            prior[rest] = loc.warped_masks(rest)
+            if cfg.appearance_iterations:
+                prior[rest] = refine(work, loc.warped_masks(), loc.region, cfg.appearance_iterations, cfg.appearance_bins,
+                                     cfg.appearance_sigma_mm / self.config.model.spacing[0], rest)
+            else:
+                prior[rest] = loc.warped_masks(rest)
         return combine_prior(probs, prior, loc.region, weights)
 
     @staticmethod
