@@ -386,6 +386,21 @@ def test_a_class_the_network_cannot_do_gets_the_registration_refined_by_appearan
     assert dice(res.label_map == 1, registered == 1) > 0.95  # two registrations: Greedy threads round differently
     mixed = seg.segment(img, TARGET_AFFINE, strong, localise="registration", confidence=False, postprocess=False)
     assert (mixed.label_map == 1).sum() > (res.label_map == 1).sum()  # the oracle fires beyond the prior's core
+    assert refined.windows == res.windows == 0 and mixed.windows > 0  # no window for a structure that takes the masks
+
+
+def test_windows_run_only_where_a_trusted_structure_can_be():
+    """`Localisation.region_of`: the dilated prior of the given classes only; all of them is `region`, none is empty."""
+    from IrisSegmentLib.inference.localise import Localisation, dilate
+
+    prior = torch.zeros((2, 60, 40, 40))
+    prior[0, 5:15, 15:25, 15:25] = 1.0
+    prior[1, 45:55, 15:25, 15:25] = 1.0
+    whole = (slice(0, 60), slice(0, 40), slice(0, 40))
+    loc = Localisation(prior, dilate(prior.amax(0) > 0.05, 4, whole), "registration", [], [1.0], [1.0], 0.0, None, whole, 1)
+    first = loc.region_of([0], 6.0, 1.5)  # 6 mm at 1.5 mm: 4 voxels
+    assert first[5:15, 15:25, 15:25].all() and first[1:19, 11:29, 11:29].all() and not first[20:].any()
+    assert torch.equal(loc.region_of([0, 1], 6.0, 1.5), loc.region) and not loc.region_of([], 6.0, 1.5).any()
 
 
 def test_command_line_localises_and_saves_the_prior(reference, tiny_model_dir, tmp_path, capsys):

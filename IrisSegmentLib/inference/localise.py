@@ -30,6 +30,9 @@ from .greedy import run_greedy
 from .prepare import Prepared
 
 
+PRIOR_FLOOR = 0.05  # a class can be where its blurred prior exceeds this (before the margin)
+
+
 @dataclass
 class Atlas:
     """A reference for registration: image (X, Y, Z) and soft masks (K, X, Y, Z) on a coarse grid, RAS affine."""
@@ -75,6 +78,14 @@ class Localisation:
     warped: np.ndarray | None = None
     box: tuple[slice, ...] = ()
     factor: int = 1
+
+    def region_of(self, classes: list[int], margin_mm: float, spacing: float) -> torch.Tensor:
+        """Where these classes (indices) can be: their prior, dilated by `margin_mm`, as `region` is for all."""
+        if len(classes) == self.prior.shape[0]:
+            return self.region
+        if not classes:
+            return torch.zeros_like(self.region)
+        return dilate(self.prior[classes].amax(0) > PRIOR_FLOOR, int(math.ceil(margin_mm / spacing)), self.box)
 
     def warped_masks(self, classes: list[int] | None = None) -> torch.Tensor:
         """The reference masks carried onto the working grid, not blurred: registration alone (atlas segmentation);
@@ -270,7 +281,7 @@ def localise(target: Prepared, atlases: list[Atlas], labels: list[int], cfg: Loc
                             sims, insides, time.perf_counter() - t0)
     mean = total / np.maximum(counts, 1)[:, None, None, None]
     prior = to_working(blur(mean, cfg.prior_sigma_mm / (spacing * f)), box, f, target.work.shape[1:])
-    region = dilate(prior.amax(0) > 0.05, int(math.ceil(cfg.margin_mm / spacing)), box)
+    region = dilate(prior.amax(0) > PRIOR_FLOOR, int(math.ceil(cfg.margin_mm / spacing)), box)
     missing = [v for v, c in zip(labels, counts) if c == 0]
     if missing:
         notes.append(f"label(s) {missing}: no reference registered for them; they get no prior")

@@ -249,8 +249,9 @@ class Segmenter(ReferenceEncoding):
         for w in loc.warnings:
             warnings.warn(w)
         lap("localise")
+        trusted = self.trusted(task)
         probs, spread, n_windows = self.probabilities(target.work, task.tokens, overlap, report, cancel, strategy, confidence,
-                                                      loc.region, loc.prior)
+                                                      self.window_region(loc, trusted), loc.prior)
         work = target.work[0]
         del target
         lap("windows")
@@ -264,7 +265,12 @@ class Segmenter(ReferenceEncoding):
             voxel_ml = float(np.prod(self.config.model.spacing)) / 1000.0
             rows = features(probs, spread, voxel_ml, task.references)
             for k, row in enumerate(rows):
-                row["prior_agreement"] = agreement[k] if loc.prior is not None else 0.0
+                if loc.prior is None:
+                    row["prior_agreement"] = 0.0
+                elif trusted[k]:
+                    row["prior_agreement"] = agreement[k]
+                else:  # no window ran for it: what the network and its windows say is unknown (the calibration's mean)
+                    del row["disagreement"]
             feats = dict(zip(task.labels, rows))
             if self.calibration is not None:
                 estimated = dict(zip(task.labels, self.calibration.predict(rows)))
@@ -284,6 +290,15 @@ class Segmenter(ReferenceEncoding):
         return SegmentationResult(label_map, task.labels, task.names, task.colours, str(self.device), time.perf_counter() - t0,
                                   n_windows, estimated, feats, loc.method, loc.warnings, times, prior, self.flag_below)
 
+    def window_region(self, loc: Localisation, trusted: list[bool]) -> torch.Tensor | None:
+        """Stage 3's region: where a class the network is trusted with can be (`Localisation.region_of`); the others
+        take the warped masks (`merge_prior`), so no window runs for them alone (none at all when no class is
+        trusted). None without localisation: the whole field of view."""
+        if loc.prior is None:
+            return None
+        return loc.region_of([k for k, t in enumerate(trusted) if t], self.config.localise.margin_mm,
+                             float(self.config.model.spacing[0]))
+
     def trusted(self, task: TaskEmbedding) -> list[bool]:
         """Per class, whether the network's own segmentation of its reference crop (self-Dice, measured at encode)
         reaches `localise.min_self_dice`; unknown (no self-Dice): trusted."""
@@ -296,7 +311,7 @@ class Segmenter(ReferenceEncoding):
         the others (the network cannot segment its own reference) the warped masks alone, refined by the target's
         intensities `work` (X, Y, Z) (`appearance.py`; `localise.appearance_iterations` 0: as warped); 0 outside."""
         cfg = self.config.localise
-        trusted = self.trusted(task)
+        trusted = self.trusted(task)  # their windows ran (`window_region`); the others' did not
         weights = torch.tensor([cfg.prior_weight if t else 1.0 for t in trusted])
         prior = loc.prior
         if not all(trusted):
