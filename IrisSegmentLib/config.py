@@ -160,7 +160,7 @@ class LocaliseConfig:
     margin_mm: float = 15.0  # windows run where some class's prior, dilated by this, is
     prior_sigma_mm: float = 3.0  # Gaussian blur of the warped masks: registration's uncertainty
     prior_weight: float = 0.5  # p = w * prior + (1 - w) * network inside the dilated prior; 0 outside
-    min_self_dice: float = 0.5  # a class whose reference crop the network segments worse gets the warped masks alone
+    min_self_dice: float = 0.5  # a class whose reference crop the network segments worse gets the warped masks (refined)
     appearance_iterations: int = 3  # EM rounds refining those warped masks by the target's intensities; 0: off
     appearance_bins: int = 32  # intensity histogram bins of that EM (appearance.py)
     appearance_sigma_mm: float = 1.5  # Gaussian blur of the warped masks as that EM's prior

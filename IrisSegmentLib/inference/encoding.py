@@ -67,8 +67,8 @@ class ReferenceEncoding:
                colours: list[Colour] | None = None, modality: str = "auto", confidence: bool = True,
                progress: Progress | None = None, cancel: Cancel | None = None, polarity: float | None = None) -> TaskEmbedding:
         """Task embedding of the structures `labels` (default: every non-zero value) in one reference;
-        `confidence`: also segment the reference crops with it (self-Dice, a confidence feature, and what
-        `choose_polarity` decides by). `polarity`: 1 (as is) or -1 (intensities inverted), None: chosen.
+        `confidence`: also segment the reference crops with it (self-Dice: a confidence feature, the localised
+        engine's gate (`Segmenter.trusted`; without it every structure is trusted) and what `choose_polarity` decides by). `polarity`: 1 (as is) or -1 (intensities inverted), None: chosen.
         `progress` is told each structure; `cancel()` is checked before each (raises Cancelled)."""
         img = check_volume(image, "reference image")
         lab = check_volume(label, "reference label")

@@ -308,7 +308,7 @@ class Segmenter(ReferenceEncoding):
 
     def merge_prior(self, probs: torch.Tensor, loc: Localisation, task: TaskEmbedding, work: torch.Tensor) -> torch.Tensor:
         """Stage 5, in place: trusted classes `prior_weight * prior + (1 - prior_weight) * network` inside the region;
-        the others (the network cannot segment its own reference) the warped masks alone, refined by the target's
+        the others (the network cannot segment its own reference) the warped masks, refined by the target's
         intensities `work` (X, Y, Z) (`appearance.py`; `localise.appearance_iterations` 0: as warped); 0 outside."""
         cfg = self.config.localise
         trusted = self.trusted(task)  # their windows ran (`window_region`); the others' did not
