@@ -68,7 +68,8 @@ class ReferenceEncoding:
                progress: Progress | None = None, cancel: Cancel | None = None, polarity: float | None = None) -> TaskEmbedding:
         """Task embedding of the structures `labels` (default: every non-zero value) in one reference;
         `confidence`: also segment the reference crops with it (self-Dice: a confidence feature, the localised
-        engine's gate (`Segmenter.trusted`; without it every structure is trusted) and what `choose_polarity` decides by). `polarity`: 1 (as is) or -1 (intensities inverted), None: chosen.
+        engine's gate (`Segmenter.trusted`; without it every structure is trusted) and what `choose_polarity`
+        decides by). `polarity`: 1 (as is) or -1 (intensities inverted), None: chosen.
         `progress` is told each structure; `cancel()` is checked before each (raises Cancelled)."""
         img = check_volume(image, "reference image")
         lab = check_volume(label, "reference label")
