@@ -85,7 +85,7 @@ class Localisation:
             return self.region
         if not classes:
             return torch.zeros_like(self.region)
-        return dilate(self.prior[classes].amax(0) > PRIOR_FLOOR, int(math.ceil(margin_mm / spacing)), self.box)
+        return prior_region(self.prior[classes], margin_mm, spacing, self.box)
 
     def warped_masks(self, classes: list[int] | None = None) -> torch.Tensor:
         """The reference masks carried onto the working grid, not blurred: registration alone (atlas segmentation);
@@ -182,6 +182,11 @@ def blur(volume: np.ndarray, sigma_vox: float) -> np.ndarray:
     from scipy.ndimage import gaussian_filter
 
     return volume if sigma_vox <= 0 else np.stack([gaussian_filter(v, sigma_vox, mode="constant") for v in volume])
+
+
+def prior_region(prior: torch.Tensor, margin_mm: float, spacing: float, box) -> torch.Tensor:
+    """Where any class of `prior` (K, X, Y, Z), zero outside `box`, can be: above PRIOR_FLOOR, dilated by `margin_mm`."""
+    return dilate(prior.amax(0) > PRIOR_FLOOR, int(math.ceil(margin_mm / spacing)), box)
 
 
 def dilate(mask: torch.Tensor, m: int, box) -> torch.Tensor:
@@ -281,7 +286,7 @@ def localise(target: Prepared, atlases: list[Atlas], labels: list[int], cfg: Loc
                             sims, insides, time.perf_counter() - t0)
     mean = total / np.maximum(counts, 1)[:, None, None, None]
     prior = to_working(blur(mean, cfg.prior_sigma_mm / (spacing * f)), box, f, target.work.shape[1:])
-    region = dilate(prior.amax(0) > PRIOR_FLOOR, int(math.ceil(cfg.margin_mm / spacing)), box)
+    region = prior_region(prior, cfg.margin_mm, spacing, box)
     missing = [v for v, c in zip(labels, counts) if c == 0]
     if missing:
         notes.append(f"label(s) {missing}: no reference registered for them; they get no prior")
