@@ -151,7 +151,8 @@ class LocaliseConfig:
     mode: str = "auto"  # "registration", or "none": the whole field of view, no prior
     max_voxels: int = 1_000_000  # registration grid: the working grid block-averaged until at most this many voxels
     metric: str = "auto"  # "ncc" (one modality), "nmi" (two modalities), "auto": by the detected modalities
-    ncc_radius: int = 4  # NCC patch radius, registration voxels
+    ncc_radius: int = 4  # NCC patch radius of the rigid and affine stages, registration voxels
+    deformable_ncc_radius: int = 2  # of the deformable stage: a smaller patch follows small structures (DESIGN 2.10)
     rigid_iterations: str = "100x50x0"  # per pyramid level, coarsest first (Greedy -n)
     affine_iterations: str = "100x50x0"
     deformable_iterations: str = "100x50x20"  # "" leaves the deformable stage out
@@ -174,6 +175,9 @@ class LocaliseConfig:
             raise ValueError(f"localise mode must be one of {LOCALISE_MODES}, not {self.mode!r}")
         if self.metric not in ("auto", "ncc", "nmi"):
             raise ValueError(f"localise metric must be auto, ncc or nmi, not {self.metric!r}")
+        if self.ncc_radius < 1 or self.deformable_ncc_radius < 1:
+            raise ValueError(f"localise ncc_radius and deformable_ncc_radius must be >= 1, not {self.ncc_radius}, "
+                             f"{self.deformable_ncc_radius}")
         if not 0.0 <= self.prior_weight <= 1.0:
             raise ValueError(f"localise prior_weight must be in [0, 1], not {self.prior_weight}")
         if self.appearance_iterations < 0 or self.appearance_bins < 2 or self.appearance_sigma_mm < 0:

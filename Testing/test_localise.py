@@ -442,3 +442,15 @@ def test_pyramid_drops_levels_that_small_images_cannot_have():
     with pytest.raises(RuntimeError, match=f"only 8 voxel.*fewer than the {2 * cfg.ncc_radius + 1}"):
         greedy_commands(cfg, "ncc", 1, shortest=8)
     assert greedy_commands(cfg, "nmi", 1, shortest=8)  # NMI compares no patches
+
+
+def test_the_deformable_stage_compares_its_own_patch_size():
+    """The rigid and affine stages compare (2 ncc_radius + 1)^3 patches, the deformable one its own radius's."""
+    from IrisSegmentLib.config import LocaliseConfig
+    from IrisSegmentLib.inference.greedy import greedy_commands
+
+    stages = dict(greedy_commands(LocaliseConfig(ncc_radius=4, deformable_ncc_radius=2), "ncc", 1))
+    assert "-m NCC 4x4x4 " in stages["rigid"] and "-m NCC 4x4x4 " in stages["affine"]
+    assert "-m NCC 2x2x2 " in stages["deformable"]
+    with pytest.raises(ValueError, match="deformable_ncc_radius"):
+        LocaliseConfig(deformable_ncc_radius=0).validate()

@@ -58,8 +58,11 @@ def greedy_commands(cfg: LocaliseConfig, metric: str, masks: int, dof: int = 12,
     threads in varying order, and the same pair then registers differently from run to run, now and then into a
     wrong minimum (DESIGN 2.10); these stages are cheap, the deformable one keeps every thread. The masks are resliced onto the
     fixed grid and onto `padded.nii` (twice its extent): how much of them the target's field of view holds."""
-    m = f"-m NCC {cfg.ncc_radius}x{cfg.ncc_radius}x{cfg.ncc_radius}" if metric == "ncc" else "-m NMI"
-    need = 2 * cfg.ncc_radius + 1 if metric == "ncc" else MIN_LEVEL_VOXELS  # NCC compares patches this wide
+    def ncc(r: int) -> str:
+        return f"-m NCC {r}x{r}x{r}" if metric == "ncc" else "-m NMI"
+
+    m = ncc(cfg.ncc_radius)
+    need = 2 * max(cfg.ncc_radius, cfg.deformable_ncc_radius) + 1 if metric == "ncc" else MIN_LEVEL_VOXELS  # NCC patches
     if shortest < need:
         raise RuntimeError(f"an image has only {shortest} voxel(s) along one axis on the registration grid, fewer than "
                            f"the {need} that registration compares at once: too small to register")
@@ -71,7 +74,7 @@ def greedy_commands(cfg: LocaliseConfig, metric: str, masks: int, dof: int = 12,
                          "-o affine.mat")]
     chain = "affine.mat"
     if cfg.deformable_iterations:
-        stages.append(("deformable", f"-i fixed.nii moving.nii -it affine.mat {m} -n {pyramid(cfg.deformable_iterations, shortest)} "
+        stages.append(("deformable", f"-i fixed.nii moving.nii -it affine.mat {ncc(cfg.deformable_ncc_radius)} -n {pyramid(cfg.deformable_iterations, shortest)} "
                                      f"-s {cfg.deformable_smoothing} -noise 0 -o warp.nii"))
         chain = "warp.nii affine.mat"
     outs = " ".join(f"-rm mask{k}.nii warped{k}.nii" for k in range(masks))
