@@ -56,8 +56,10 @@ def greedy_commands(cfg: LocaliseConfig, metric: str, masks: int, dof: int = 12,
     contrast leaves unchanged). `-noise 0 -jitter 0` and one thread for the rigid and affine stages: Greedy
     otherwise adds unseeded random noise to the images (NCC), jitters the affine's sample points and sums over
     threads in varying order, and the same pair then registers differently from run to run, now and then into a
-    wrong minimum (DESIGN 2.10); these stages are cheap, the deformable one keeps every thread. The masks are resliced onto the
-    fixed grid and onto `padded.nii` (twice its extent): how much of them the target's field of view holds."""
+    wrong minimum (DESIGN 2.10); these stages are cheap, the deformable one keeps every thread. NCC compares patches
+    of `ncc_radius` in the rigid and affine stages and of the smaller `deformable_ncc_radius` in the deformable one.
+    The masks are resliced onto the fixed grid and onto `padded.nii` (twice its extent): how much of them the
+    target's field of view holds."""
     def ncc(r: int) -> str:
         return f"-m NCC {r}x{r}x{r}" if metric == "ncc" else "-m NMI"
 
@@ -74,7 +76,8 @@ def greedy_commands(cfg: LocaliseConfig, metric: str, masks: int, dof: int = 12,
                          "-o affine.mat")]
     chain = "affine.mat"
     if cfg.deformable_iterations:
-        stages.append(("deformable", f"-i fixed.nii moving.nii -it affine.mat {ncc(cfg.deformable_ncc_radius)} -n {pyramid(cfg.deformable_iterations, shortest)} "
+        stages.append(("deformable", f"-i fixed.nii moving.nii -it affine.mat {ncc(cfg.deformable_ncc_radius)} "
+                                     f"-n {pyramid(cfg.deformable_iterations, shortest)} "
                                      f"-s {cfg.deformable_smoothing} -noise 0 -o warp.nii"))
         chain = "warp.nii affine.mat"
     outs = " ".join(f"-rm mask{k}.nii warped{k}.nii" for k in range(masks))
