@@ -60,10 +60,10 @@ def greedy_commands(cfg: LocaliseConfig, metric: str, masks: int, dof: int = 12,
     of `ncc_radius` in the rigid and affine stages and of the smaller `deformable_ncc_radius` in the deformable one.
     The masks are resliced onto the fixed grid and onto `padded.nii` (twice its extent): how much of them the
     target's field of view holds."""
-    def ncc(r: int) -> str:
-        return f"-m NCC {r}x{r}x{r}" if metric == "ncc" else "-m NMI"
+    def metric_option(radius: int) -> str:  # Greedy's -m: NCC over (2 radius + 1)^3 patches, or NMI
+        return f"-m NCC {radius}x{radius}x{radius}" if metric == "ncc" else "-m NMI"
 
-    m = ncc(cfg.ncc_radius)
+    m = metric_option(cfg.ncc_radius)
     need = 2 * max(cfg.ncc_radius, cfg.deformable_ncc_radius) + 1 if metric == "ncc" else MIN_LEVEL_VOXELS  # NCC patches
     if shortest < need:
         raise RuntimeError(f"an image has only {shortest} voxel(s) along one axis on the registration grid, fewer than "
@@ -76,7 +76,7 @@ def greedy_commands(cfg: LocaliseConfig, metric: str, masks: int, dof: int = 12,
                          "-o affine.mat")]
     chain = "affine.mat"
     if cfg.deformable_iterations:
-        stages.append(("deformable", f"-i fixed.nii moving.nii -it affine.mat {ncc(cfg.deformable_ncc_radius)} "
+        stages.append(("deformable", f"-i fixed.nii moving.nii -it affine.mat {metric_option(cfg.deformable_ncc_radius)} "
                                      f"-n {pyramid(cfg.deformable_iterations, shortest)} "
                                      f"-s {cfg.deformable_smoothing} -noise 0 -o warp.nii"))
         chain = "warp.nii affine.mat"
