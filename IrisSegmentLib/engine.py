@@ -20,7 +20,7 @@ import numpy as np
 from .errors import Cancelled, IrisInputError
 from .inference.result import SegmentationResult
 from .inference.segmenter import Segmenter, resolve_device
-from .inference.task import Colour, TaskEmbedding
+from .inference.task import Colour, TaskEmbedding, with_first_polarity
 from .progress import Cancel, Progress, span
 from .worker import Worker
 
@@ -132,11 +132,10 @@ class Engine:
         names, colours = [i.name for i in infos], [i.colour for i in infos]
         encoded = 0.3 if tuning_steps > 0 else 1.0  # share of `report` for encoding
         n = len(references)
-        tasks: list[TaskEmbedding] = []
-        for j, r in enumerate(references):  # every reference with the intensity polarity chosen for the first
-            tasks.append(_encode(segmenter, r, names, colours, span(report, encoded * j / n, encoded * (j + 1) / n,
-                                                                    f"reference {j + 1}/{n}: " if n > 1 else ""), cancel,
-                                 tasks[0].polarity if tasks else None))
+        tasks = with_first_polarity([
+            lambda polarity, j=j, r=r: _encode(segmenter, r, names, colours, span(
+                report, encoded * j / n, encoded * (j + 1) / n, f"reference {j + 1}/{n}: " if n > 1 else ""), cancel, polarity)
+            for j, r in enumerate(references)])
         task = TaskEmbedding.ensemble(tasks) if len(tasks) > 1 else tasks[0]
         if tuning_steps > 0:
             task = segmenter.tune(task, [(r.image, r.affine, r.label_map()) for r in references], steps=tuning_steps,
@@ -211,12 +210,11 @@ def _encode(segmenter: Segmenter, ref: Reference, names: list[str], colours: lis
         return segmenter.encode(ref.image, ref.affine, ref.label_map(), ref.labels, [names[v - 1] for v in ref.labels],
                                 [colours[v - 1] for v in ref.labels], progress=report, cancel=cancel, polarity=polarity)
     k = len(ref.labels)
-    tasks: list[TaskEmbedding] = []
-    for i, (mask, v) in enumerate(zip(ref.masks, ref.labels)):
-        tasks.append(segmenter.encode(ref.image, ref.affine, mask.astype(np.uint8) * v, [v], [names[v - 1]], [colours[v - 1]],
-                                      progress=span(report, i / k, (i + 1) / k), cancel=cancel,
-                                      polarity=tasks[0].polarity if tasks else polarity))
-    return TaskEmbedding.ensemble(tasks)
+    return TaskEmbedding.ensemble(with_first_polarity([
+        lambda first, i=i, mask=mask, v=v: segmenter.encode(
+            ref.image, ref.affine, mask.astype(np.uint8) * v, [v], [names[v - 1]], [colours[v - 1]],
+            progress=span(report, i / k, (i + 1) / k), cancel=cancel, polarity=first)
+        for i, (mask, v) in enumerate(zip(ref.masks, ref.labels))], polarity))
 
 
 def _gpu_memory(device: str) -> str:

@@ -3,6 +3,7 @@ intensities inverted is encoded so, and its targets are inverted alike; everythi
 from __future__ import annotations
 
 import dataclasses
+import types
 import warnings
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from conftest import REPO_ROOT, dice, ellipsoid_mask, make_affine
 from IrisSegmentLib import IrisInputError, Segmenter, TaskEmbedding
+from IrisSegmentLib.inference.task import with_first_polarity
 from benchmarks import shifts
 from benchmarks.common.cases import cases, load_case, query_order, reference_indices
 
@@ -75,6 +77,22 @@ def test_polarity_is_saved_shared_by_references_and_never_mixed(tiny_cfg, oracle
     with pytest.warns(UserWarning, match="intensities inverted"):
         both = seg.encode_references([(dark, AFFINE, dark_mask), (bright, AFFINE, bright_mask)])
     assert both.polarity == -1.0 and len(both.atlases) == 2  # the second reference follows the first's choice
+
+
+def test_every_reference_takes_the_polarity_the_first_chose_or_was_given():
+    asked = []
+
+    def encoder(choice: float):
+        def encode(polarity):
+            asked.append(polarity)
+            return types.SimpleNamespace(polarity=choice if polarity is None else polarity)
+        return encode
+
+    assert [t.polarity for t in with_first_polarity([encoder(-1.0), encoder(1.0), encoder(1.0)])] == [-1.0] * 3
+    assert asked == [None, -1.0, -1.0]
+    asked.clear()
+    assert [t.polarity for t in with_first_polarity([encoder(-1.0), encoder(-1.0)], 1.0)] == [1.0, 1.0]
+    assert asked == [1.0, 1.0]
 
 
 def test_bundled_network_segments_an_inverted_hippocampus_as_its_own_contrast():

@@ -16,7 +16,7 @@ from .geometry import WorkingGrid
 from .localise import make_atlas
 from .postprocess import pieces
 from .prepare import Prepared, check_volume, finite
-from .task import Colour, TaskEmbedding, tune
+from .task import Colour, TaskEmbedding, tune, with_first_polarity
 
 
 def reference_crops(mask: torch.Tensor, window: Sequence[int], max_crops: int) -> list[tuple[int, int, int]]:
@@ -180,12 +180,11 @@ class ReferenceEncoding:
         """Context ensemble: the mean task embedding of several (image, affine, label) references, all encoded with
         the intensity polarity chosen for the first."""
         report, n = progress or (lambda f, m: None), len(references)
-        tasks: list[TaskEmbedding] = []
-        for j, (i, a, l) in enumerate(references):
-            tasks.append(self.encode(i, a, l, labels, names, colours, modality, cancel=cancel,
-                                     progress=lambda f, m, j=j: report((j + f) / n, f"reference {j + 1}/{n}: {m}"),
-                                     polarity=tasks[0].polarity if tasks else None))
-        return TaskEmbedding.ensemble(tasks)
+        return TaskEmbedding.ensemble(with_first_polarity([
+            lambda polarity, j=j, i=i, a=a, l=l: self.encode(
+                i, a, l, labels, names, colours, modality, cancel=cancel, polarity=polarity,
+                progress=lambda f, m: report((j + f) / n, f"reference {j + 1}/{n}: {m}"))
+            for j, (i, a, l) in enumerate(references)]))
 
     def tune(self, task: TaskEmbedding, references: list[tuple], steps: int = 20, lr: float = 1e-2, modality: str = "auto",
              progress: Progress | None = None, cancel: Cancel | None = None) -> TaskEmbedding:

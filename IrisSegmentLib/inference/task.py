@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -169,6 +169,16 @@ class MemoryBank:
             bank.embeddings = {k: f.get_tensor(k) for k in f.keys()}
         bank.counts = json.loads(meta.get("counts", "{}"))
         return bank
+
+
+def with_first_polarity(encoders: Sequence[Callable[[float | None], TaskEmbedding]],
+                        polarity: float | None = None) -> list[TaskEmbedding]:
+    """The tasks of `encoders` (each called with an intensity polarity; None: it chooses), every one with the polarity
+    of the first, which gets `polarity`: references of one task are all segmented the same way round."""
+    tasks: list[TaskEmbedding] = []
+    for encode in encoders:
+        tasks.append(encode(tasks[0].polarity if tasks else polarity))
+    return tasks
 
 
 def tune(
