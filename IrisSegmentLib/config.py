@@ -161,6 +161,8 @@ class LocaliseConfig:
     margin_mm: float = 15.0  # windows run where some class's prior, dilated by this, is
     prior_sigma_mm: float = 3.0  # Gaussian blur of the warped masks: registration's uncertainty
     prior_weight: float = 0.5  # p = w * prior + (1 - w) * network inside the dilated prior; 0 outside
+    merge_sigma_depth: float = 1.0  # in that mix, each class's warped mask blurred by this x its mean depth (mm); 0: prior_sigma_mm
+    merge_sigma_max_mm: float = 6.0  # at most this (and at least one working voxel)
     min_self_dice: float = 0.5  # a class whose reference crop the network segments worse gets the warped masks (refined)
     appearance_iterations: int = 3  # EM rounds refining those warped masks by the target's intensities; 0: off
     appearance_bins: int = 32  # intensity histogram bins of that EM (appearance.py)
@@ -180,6 +182,9 @@ class LocaliseConfig:
                              f"{self.deformable_ncc_radius}")
         if not 0.0 <= self.prior_weight <= 1.0:
             raise ValueError(f"localise prior_weight must be in [0, 1], not {self.prior_weight}")
+        if self.merge_sigma_depth < 0 or self.merge_sigma_max_mm <= 0:
+            raise ValueError(f"localise merge_sigma_depth must be >= 0 and merge_sigma_max_mm > 0, not "
+                             f"{self.merge_sigma_depth}, {self.merge_sigma_max_mm}")
         if self.appearance_iterations < 0 or self.appearance_bins < 2 or self.appearance_sigma_mm < 0:
             raise ValueError("localise appearance_iterations must be >= 0, appearance_bins >= 2 and appearance_sigma_mm "
                              f">= 0, not {self.appearance_iterations}, {self.appearance_bins}, {self.appearance_sigma_mm}")

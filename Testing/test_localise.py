@@ -169,7 +169,8 @@ def test_localised_segment_runs_windows_only_near_the_prior(seg, task):
 
     far = distance_transform_edt(local.prior[0] < 0.05, sampling=(1.6, 1.4, 1.5)) > seg.config.localise.margin_mm * 3**0.5 + 3.0  # a cube
     assert far.any() and not (local.label_map[far] == 1).any()  # nothing beyond the margin around the prior
-    only_prior = Segmenter(seg.model, dataclasses.replace(seg.config, localise=dataclasses.replace(seg.config.localise, prior_weight=1.0)), "cpu")
+    only_prior = Segmenter(seg.model, dataclasses.replace(seg.config, localise=dataclasses.replace(
+        seg.config.localise, prior_weight=1.0, merge_sigma_depth=0.0)), "cpu")  # the merge's prior is then the one kept
     registered = only_prior.segment(img, TARGET_AFFINE, task, localise="registration", confidence=False, keep_prior=True)
     assert np.array_equal(registered.label_map == 1, registered.prior[0] >= 0.5) or dice(registered.label_map == 1, registered.prior[0] >= 0.5) > 0.98
     assert dice(registered.label_map == 1, truth) > 0.6
@@ -454,3 +455,29 @@ def test_the_deformable_stage_compares_its_own_patch_size():
     assert "-m NCC 2x2x2 " in stages["deformable"]
     with pytest.raises(ValueError, match="deformable_ncc_radius"):
         LocaliseConfig(deformable_ncc_radius=0).validate()
+
+
+def test_the_merge_blurs_each_structure_in_proportion_to_its_depth():
+    """A thin structure's warped mask is blurred less than a thick one's in the merge's prior (the network's prior
+    input keeps `prior_sigma_mm`); `merge_sigma_depth` 0 gives that input prior back."""
+    from IrisSegmentLib.config import LocaliseConfig
+    from IrisSegmentLib.inference.localise import Localisation, mean_depth_mm
+
+    grid = np.indices((48, 48, 48)).astype(np.float32)
+    small = (((grid - np.array([12, 24, 24])[:, None, None, None]) ** 2).sum(0) <= 3**2).astype(np.float32)
+    large = (((grid - np.array([32, 24, 24])[:, None, None, None]) ** 2).sum(0) <= 12**2).astype(np.float32)
+    warped = np.stack([small, large])
+    depths = mean_depth_mm(warped, 1.5)
+    assert 0 < depths[0] < depths[1] / 2 and mean_depth_mm(np.zeros((1, 4, 4, 4)), 1.5) == [0.0]
+    prior = torch.zeros((2, 48, 48, 48))
+    loc = Localisation(prior, prior[0] >= 0, "registration", [], [0.9], [1.0], 0.0, warped, (slice(0, 48),) * 3, 1)
+    merged = loc.merge_prior(LocaliseConfig(), 1.5).numpy()
+    assert merged.shape == (2, 48, 48, 48)
+    assert merged[0, 12, 24, 24] > 0.85 and merged[1, 32, 24, 24] > 0.99  # the cores kept
+    outside = 2  # voxels beyond each boundary, along the first axis
+    assert merged[1, 32 - 12 - outside, 24, 24] > merged[0, 12 + 3 + outside, 24, 24] + 0.05
+    assert loc.merge_prior(LocaliseConfig(merge_sigma_depth=0.0), 1.5) is prior
+    only_large = loc.merge_prior(LocaliseConfig(), 1.5, [1]).numpy()
+    assert not only_large[0].any() and np.allclose(only_large[1], merged[1])
+    with pytest.raises(ValueError, match="merge_sigma_depth"):
+        LocaliseConfig(merge_sigma_depth=-1.0).validate()

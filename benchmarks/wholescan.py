@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 
 from IrisSegmentLib import Segmenter
+from IrisSegmentLib.config import LocaliseConfig
 from IrisSegmentLib.inference.body import crop_affine
 from IrisSegmentLib.inference.labelmap import paste, to_label_map
 from benchmarks.common.cases import LABELS, Volume, cases, load_case, query_order, reference_indices, scores
@@ -171,11 +172,19 @@ def keep_verdict(records: list[dict]) -> str:
             f"{KEEP_MAX_LOSS * 100:g} points worse).")
 
 
+def merge_blur(lc: LocaliseConfig) -> str:
+    """How the mix blurs the prior (`localise.merge_sigma_depth`)."""
+    if not lc.merge_sigma_depth:
+        return f"{lc.prior_sigma_mm:g} mm"
+    return f"{lc.merge_sigma_depth:g} x each structure's mean depth, at most {lc.merge_sigma_max_mm:g} mm"
+
+
 def caption(seg: Segmenter, pairs: int, command: str) -> str:
     lc = seg.config.localise
     return (f"Whole-scan one-shot Dice (per pair the mean over the query's structures; mean ± sd over pairs), first {pairs} "
             f"queries per dataset with their first reference (another subject). Registration: Greedy rigid -> affine -> "
             f"deformable ({lc.deformable_iterations or 'none'}), {'NCC' if lc.metric in ('auto', 'ncc') else 'NMI'} on the body box "
-            f"block-averaged to at most {lc.max_voxels:,} voxels; prior blurred {lc.prior_sigma_mm:g} mm, combined with weight "
-            f"{lc.prior_weight:g}, windows within {lc.margin_mm:g} mm of it. Model {seg.model_id} on {seg.device}. "
+            f"block-averaged to at most {lc.max_voxels:,} voxels; prior blurred {lc.prior_sigma_mm:g} mm (the network's input) "
+            f"and {merge_blur(lc)} (the mix), combined with weight {lc.prior_weight:g}, windows within {lc.margin_mm:g} mm "
+            f"of it. Model {seg.model_id} on {seg.device}. "
             f"Command: `{command}`")

@@ -5,7 +5,9 @@ block-averaged to the registration grid. `localise` crops the target to its body
 block-averages it the same way, and registers every atlas onto it with Greedy (picsl-greedy, the engine of
 ITK-SNAP): rigid, then affine, then deformable, multi-resolution, NCC where both images share a modality and
 NMI where they do not. The warped masks, blurred by `prior_sigma_mm`, averaged over atlases (multi-atlas),
-are the per-class prior on the working grid; windows run only within `margin_mm` of it. A registration that
+are the per-class prior on the working grid (the network's prior input); windows run only within `margin_mm` of it.
+The merge mixes the network with the same masks blurred in proportion to each structure's thickness
+(`Localisation.merge_prior`). A registration that
 fails its checks (an error, low image similarity after it, a prior that leaves the target, a time-out) is tried
 again as a similarity transform, then from the image edges (`RETRIES`), and else dropped with a warning; when
 every one fails the engine falls back to the whole field of view.
@@ -86,6 +88,20 @@ class Localisation:
         if not classes:
             return torch.zeros_like(self.region)
         return prior_region(self.prior[classes], margin_mm, spacing, self.box)
+
+    def merge_prior(self, cfg: LocaliseConfig, spacing: float, classes: list[int] | None = None) -> torch.Tensor:
+        """The prior that the merge mixes with the network (K, X, Y, Z): each class's warped masks blurred by
+        `merge_sigma_depth` x its mean depth (`mean_depth_mm`), at least one working voxel (`spacing`) and at most
+        `merge_sigma_max_mm`, for `classes` (indices; default all; the others 0); with `merge_sigma_depth` 0, `prior`
+        (blurred by `prior_sigma_mm`, the network's input)."""
+        if not cfg.merge_sigma_depth or self.warped is None:
+            return self.prior
+        classes = list(range(len(self.warped))) if classes is None else classes
+        vox = spacing * self.factor
+        blurred = np.zeros_like(self.warped)
+        for k, depth in zip(classes, mean_depth_mm(self.warped[classes], vox)):
+            blurred[k] = blur(self.warped[k : k + 1], min(max(cfg.merge_sigma_depth * depth, spacing), cfg.merge_sigma_max_mm) / vox)[0]
+        return to_working(blurred, self.box, self.factor, self.prior.shape[1:])
 
     def warped_masks(self, classes: list[int] | None = None) -> torch.Tensor:
         """The reference masks carried onto the working grid, not blurred: registration alone (atlas segmentation);
@@ -176,6 +192,18 @@ def similarity(a: np.ndarray, b: np.ndarray, where: np.ndarray, metric: str) -> 
 
     hx, hy, hxy = entropy(p.sum(1)), entropy(p.sum(0)), entropy(p)
     return (hx + hy) / hxy - 1.0 if hxy > 0 else 0.0
+
+
+def mean_depth_mm(masks: np.ndarray, voxel_mm: float) -> list[float]:
+    """Per class of (K, ...) soft masks, how thick the structure (mask > 0.5) is: the mean distance (mm) from its voxels
+    to the nearest voxel outside it; 0 for an empty mask."""
+    from scipy.ndimage import distance_transform_edt
+
+    depths = []
+    for m in masks:
+        inside = m > 0.5
+        depths.append(float(distance_transform_edt(inside)[inside].mean()) * voxel_mm if inside.any() else 0.0)
+    return depths
 
 
 def blur(volume: np.ndarray, sigma_vox: float) -> np.ndarray:

@@ -259,7 +259,7 @@ class Segmenter(ReferenceEncoding):
         estimated: dict[int, float] = {}
         if loc.prior is not None:
             agreement = prior_agreement(probs, loc.prior, loc.region)
-            self.merge_prior(probs, loc, task, work)
+            self.merge_prior(probs, loc, trusted, work)
         del work
         if confidence:
             voxel_ml = float(np.prod(self.config.model.spacing)) / 1000.0
@@ -306,16 +306,18 @@ class Segmenter(ReferenceEncoding):
         refs = task.references or [{}] * len(task.labels)
         return [r.get("self_dice", 1.0) >= floor for r in refs]
 
-    def merge_prior(self, probs: torch.Tensor, loc: Localisation, task: TaskEmbedding, work: torch.Tensor) -> torch.Tensor:
-        """Stage 5, in place: trusted classes `prior_weight * prior + (1 - prior_weight) * network` inside the region;
-        the others (the network cannot segment its own reference) the warped masks, refined by the target's
-        intensities `work` (X, Y, Z) (`appearance.py`; `localise.appearance_iterations` 0: as warped); 0 outside."""
+    def merge_prior(self, probs: torch.Tensor, loc: Localisation, trusted: list[bool], work: torch.Tensor) -> torch.Tensor:
+        """Stage 5, in place: the `trusted` classes (whose windows ran, `window_region`) `prior_weight * prior +
+        (1 - prior_weight) * network` inside the region (the prior blurred by each structure's depth,
+        `Localisation.merge_prior`); the others (the network cannot segment its own reference) the
+        warped masks, refined by the target's intensities `work` (X, Y, Z) (`appearance.py`;
+        `localise.appearance_iterations` 0: as warped); 0 outside."""
         cfg = self.config.localise
-        trusted = self.trusted(task)  # their windows ran (`window_region`); the others' did not
         weights = torch.tensor([cfg.prior_weight if t else 1.0 for t in trusted])
-        prior = loc.prior
+        prior = loc.merge_prior(cfg, float(self.config.model.spacing[0]), [k for k, t in enumerate(trusted) if t])
         if not all(trusted):
-            prior = prior.clone()
+            if prior is loc.prior:
+                prior = prior.clone()
             rest = [k for k, t in enumerate(trusted) if not t]
             if cfg.appearance_iterations:
                 prior[rest] = refine(work, loc.warped_masks(), loc.region, cfg.appearance_iterations, cfg.appearance_bins,
