@@ -161,7 +161,7 @@ class LocaliseConfig:
     margin_mm: float = 15.0  # windows run where some class's prior, dilated by this, is
     prior_sigma_mm: float = 3.0  # Gaussian blur of the warped masks: registration's uncertainty
     prior_weight: float = 0.5  # p = w * prior + (1 - w) * network inside the dilated prior; 0 outside
-    merge_sigma_depth: float = 1.0  # in that mix, each class's warped mask blurred by this x its mean depth (mm); 0: prior_sigma_mm
+    merge_sigma_depth: float = 1.0  # in that mix, the warped masks blurred by this x each one's mean depth; 0: prior_sigma_mm
     merge_sigma_max_mm: float = 6.0  # at most this (and at least one working voxel)
     min_self_dice: float = 0.5  # a class whose reference crop the network segments worse gets the warped masks (refined)
     appearance_iterations: int = 3  # EM rounds refining those warped masks by the target's intensities; 0: off

@@ -100,7 +100,8 @@ class Localisation:
         vox = spacing * self.factor
         blurred = np.zeros_like(self.warped)
         for k, depth in zip(classes, mean_depth_mm(self.warped[classes], vox)):
-            blurred[k] = blur(self.warped[k : k + 1], min(max(cfg.merge_sigma_depth * depth, spacing), cfg.merge_sigma_max_mm) / vox)[0]
+            sigma_mm = min(max(cfg.merge_sigma_depth * depth, spacing), cfg.merge_sigma_max_mm)
+            blurred[k] = blur(self.warped[k : k + 1], sigma_mm / vox)[0]
         return to_working(blurred, self.box, self.factor, self.prior.shape[1:])
 
     def warped_masks(self, classes: list[int] | None = None) -> torch.Tensor:
