@@ -98,11 +98,13 @@ class Localisation:
             return self.prior
         classes = list(range(len(self.warped))) if classes is None else classes
         vox = spacing * self.factor
-        blurred = np.zeros_like(self.warped)
-        for k, depth in zip(classes, mean_depth_mm(self.warped[classes], vox)):
-            sigma_mm = min(max(cfg.merge_sigma_depth * depth, spacing), cfg.merge_sigma_max_mm)
-            blurred[k] = blur(self.warped[k : k + 1], sigma_mm / vox)[0]
-        return to_working(blurred, self.box, self.factor, self.prior.shape[1:])
+        out = torch.zeros_like(self.prior)
+        if not classes:
+            return out
+        blurred = [blur(self.warped[k : k + 1], min(max(cfg.merge_sigma_depth * depth, spacing), cfg.merge_sigma_max_mm) / vox)[0]
+                   for k, depth in zip(classes, mean_depth_mm(self.warped[classes], vox))]
+        out[classes] = to_working(np.stack(blurred), self.box, self.factor, self.prior.shape[1:])
+        return out
 
     def warped_masks(self, classes: list[int] | None = None) -> torch.Tensor:
         """The reference masks carried onto the working grid, not blurred: registration alone (atlas segmentation);
