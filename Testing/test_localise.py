@@ -152,6 +152,31 @@ def test_then_started_from_the_image_edges_and_else_the_first_problem_is_said(se
     assert not any("edges try" in w for w in loc.warnings)
 
 
+def test_a_target_showing_a_small_part_of_the_reference_starts_from_the_translation_search(seg, task, monkeypatch):
+    """A 48 mm crop around the structure holds a tenth of the reference's field of view: the centres of mass are
+    different anatomy (from them every try is refused), so the first try starts from the translation search
+    (`search.py`) and finds the structure."""
+    real = localise_module.register
+    calls = []
+
+    def register(*args, dof=12, start="intensity", **kw):
+        calls.append((dof, start))
+        return real(*args, dof=dof, start=start, **kw)
+
+    monkeypatch.setattr(localise_module, "register", register)
+    affine = make_affine(rot_z(-7) @ np.diag([1.5, 1.5, 1.5]), np.asarray(STRUCTURE[0]) - 24.0)
+    img, _ = phantom((32, 32, 32), affine)
+    target = seg.prepare(img, affine)
+    loc = seg.localise(target, task, "registration")
+    assert calls == [(12, "search")] and loc.method == "registration"
+    truth = target_truth_on_working_grid(target, (32, 32, 32), affine)
+    assert dice(loc.warped_masks()[0].numpy() > 0.5, truth) > 0.75
+    centres = dataclasses.replace(seg.config, localise=dataclasses.replace(seg.config.localise, search_fov_ratio=0.0))
+    calls.clear()
+    assert Segmenter(seg.model, centres, "cpu").localise(target, task, "registration").method == "none"
+    assert calls == [(12, "intensity"), (7, "intensity"), (12, "edges")]
+
+
 def test_localised_segment_runs_windows_only_near_the_prior(seg, task):
     """The oracle 'network' fires on every bright blob; localised, nothing is found outside the prior's region,
     and with the prior's weight at 1 the result is the registration's."""
@@ -443,6 +468,17 @@ def test_pyramid_drops_levels_that_small_images_cannot_have():
     with pytest.raises(RuntimeError, match=f"only 8 voxel.*fewer than the {2 * cfg.ncc_radius + 1}"):
         greedy_commands(cfg, "ncc", 1, shortest=8)
     assert greedy_commands(cfg, "nmi", 1, shortest=8)  # NMI compares no patches
+
+
+def test_the_search_start_replaces_the_moments_stage():
+    from IrisSegmentLib.config import LocaliseConfig
+    from IrisSegmentLib.inference.greedy import greedy_commands
+
+    stages = greedy_commands(LocaliseConfig(), "ncc", 1, start="search")
+    assert [n for n, _ in stages][:2] == ["rigid", "affine"] and "-ia search.mat" in stages[0][1]
+    assert "-ia moments.mat" in dict(greedy_commands(LocaliseConfig(), "ncc", 1))["rigid"]
+    with pytest.raises(ValueError, match="search_fov_ratio"):
+        LocaliseConfig(search_fov_ratio=1.5).validate()
 
 
 def test_the_deformable_stage_compares_its_own_patch_size():

@@ -625,7 +625,8 @@ def caption(args, sizes: Sizes, seg: Segmenter, peak: dict, flops: dict[int, int
         "preprocessing or resampling back).",
         f"IrisSegment localised: `segment(..., localise=\"registration\")`, the product default: the task's reference "
         f"(an encoded or saved task carries it, block-averaged to at most {seg.config.localise.max_voxels:,} voxels) "
-        "registered onto each target by Greedy in a child process (moments, rigid, affine"
+        "registered onto each target by Greedy in a child process (moments, or a translation search where one field of "
+        f"view holds less than {seg.config.localise.search_fov_ratio:g} of the other's volume; rigid, affine"
         + (", deformable" if seg.config.localise.deformable_iterations else "") + f"; metric {seg.config.localise.metric}"
         + (": NCC within one modality, NMI across" if seg.config.localise.metric == "auto" else "") + "), "
         f"windows only within {seg.config.localise.margin_mm:g} mm of the registered prior, the prior combined in "

@@ -19,6 +19,7 @@ from scipy import ndimage
 from ..config import LocaliseConfig
 from ..errors import Cancelled
 from ..progress import Cancel, Progress
+from .search import translation_start
 
 if TYPE_CHECKING:
     from .localise import Atlas
@@ -53,7 +54,7 @@ def greedy_commands(cfg: LocaliseConfig, metric: str, masks: int, dof: int = 12,
     """The stages of one registration: (name, Greedy command line); `dof` of the affine stage (12, or 7: a
     similarity transform); `shortest`: the fewest voxels along an axis of either image (`pyramid`); `start`: the
     moments initialisation on the images' intensities, or on their "edges" (gradient magnitude, which an inverted
-    contrast leaves unchanged). `-noise 0 -jitter 0` and one thread for the rigid and affine stages: Greedy
+    contrast leaves unchanged), or "search": the translation found by `search.translation_start` (search.mat). `-noise 0 -jitter 0` and one thread for the rigid and affine stages: Greedy
     otherwise adds unseeded random noise to the images (NCC), jitters the affine's sample points and sums over
     threads in varying order, and the same pair then registers differently from run to run, now and then into a
     wrong minimum (DESIGN 2.10); these stages are cheap, the deformable one keeps every thread. NCC compares patches
@@ -70,8 +71,9 @@ def greedy_commands(cfg: LocaliseConfig, metric: str, masks: int, dof: int = 12,
                            f"the {need} that registration compares at once: too small to register")
     exact = "-noise 0 -jitter 0 -threads 1"
     pair = "fixed_edges.nii moving_edges.nii" if start == "edges" else "fixed.nii moving.nii"
-    stages = [("moments", f"-i {pair} -moments 1 -o moments.mat"),
-              ("rigid", f"-i fixed.nii moving.nii -a -dof 6 -ia moments.mat {m} -n {pyramid(cfg.rigid_iterations, shortest)} {exact} -o rigid.mat"),
+    stages = [] if start == "search" else [("moments", f"-i {pair} -moments 1 -o moments.mat")]
+    first = "search.mat" if start == "search" else "moments.mat"
+    stages += [("rigid", f"-i fixed.nii moving.nii -a -dof 6 -ia {first} {m} -n {pyramid(cfg.rigid_iterations, shortest)} {exact} -o rigid.mat"),
               ("affine", f"-i fixed.nii moving.nii -a -dof {dof} -ia rigid.mat {m} -n {pyramid(cfg.affine_iterations, shortest)} {exact} "
                          "-o affine.mat")]
     chain = "affine.mat"
@@ -116,6 +118,8 @@ def run_greedy(fixed: tuple[np.ndarray, np.ndarray], atlas: Atlas, cfg: Localise
                 nib.save(nib.Nifti1Image(edges.astype(np.float32), aff), folder / f"{name}_edges.nii")
         for k, mk in enumerate(atlas.masks):
             nib.save(nib.Nifti1Image(mk.astype(np.float32), atlas.affine), folder / f"mask{k}.nii")
+        if start == "search":
+            np.savetxt(folder / "search.mat", translation_start(fixed[0], fixed[1], atlas.image, atlas.affine))
         padded = padded_affine(fixed[1], fixed[0].shape)
         nib.save(nib.Nifti1Image(np.zeros(fixed[0].shape, np.float32), padded), folder / "padded.nii")
         stages = greedy_commands(cfg, metric, len(atlas.masks), dof, min(*fixed[0].shape, *atlas.image.shape), start)

@@ -3,11 +3,12 @@
 The reference travels in the task as an `Atlas`: its working image and soft masks cropped to its body and
 block-averaged to the registration grid. `localise` crops the target to its body (the non-background box),
 block-averages it the same way, and registers every atlas onto it with Greedy (picsl-greedy, the engine of
-ITK-SNAP): rigid, then affine, then deformable, multi-resolution, NCC where both images share a modality and
-NMI where they do not. The warped masks, blurred by `prior_sigma_mm`, averaged over atlases (multi-atlas),
-are the per-class prior on the working grid (the network's prior input); windows run only within `margin_mm` of it.
-The merge mixes the network with the same masks blurred in proportion to each structure's thickness
-(`Localisation.merge_prior`). A registration that
+ITK-SNAP): from the images' centres of mass, or, where one field of view is much smaller than the other (a crop,
+`search_fov_ratio`), from the translation that best aligns them (`search.py`); rigid, then affine, then
+deformable, multi-resolution, NCC where both images share a modality and NMI where they do not. The warped
+masks, blurred by `prior_sigma_mm`, averaged over atlases (multi-atlas), are the per-class prior on the working
+grid (the network's prior input); windows run only within `margin_mm` of it. The merge mixes the network with
+the same masks blurred in proportion to each structure's thickness (`Localisation.merge_prior`). A registration that
 fails its checks (an error, low image similarity after it, a prior that leaves the target, a time-out) is tried
 again as a similarity transform, then from the image edges (`RETRIES`), and else dropped with a warning; when
 every one fails the engine falls back to the whole field of view.
@@ -235,10 +236,16 @@ def dilate(mask: torch.Tensor, m: int, box) -> torch.Tensor:
     return out
 
 
-RETRIES = (  # (affine dof, moments start, progress note), tried in turn while the registration fails the checks
+RETRIES = (  # (affine dof, start, progress note), tried in turn while the registration fails the checks
     (7, "intensity", "again with a similarity transform, "),  # a 12-dof affine can collapse on thick-slice or small scans
     (12, "edges", "again from the image edges, "),  # an intensity-weighted start runs off on an inverted contrast
 )
+
+
+def fov_ratio(fixed: tuple[np.ndarray, np.ndarray], atlas: Atlas) -> float:
+    """The smaller field of view's volume over the larger's, of the target's registration grid and the atlas's."""
+    volumes = [float(np.prod(img.shape) * abs(np.linalg.det(aff[:3, :3]))) for img, aff in (fixed, (atlas.image, atlas.affine))]
+    return min(volumes) / max(volumes)
 
 
 def register(fixed: tuple[np.ndarray, np.ndarray], atlas: Atlas, cfg: LocaliseConfig, metric: str, threads: int,
@@ -287,15 +294,16 @@ def localise(target: Prepared, atlases: list[Atlas], labels: list[int], cfg: Loc
         def step(fr: float, msg: str, i: int = i, lo: float = 0.0, hi: float = 0.6, again: str = "") -> None:
             report((i + lo + (hi - lo) * fr) / len(atlases), f"registering reference {i + 1}/{len(atlases)}: {again}{msg}")
 
+        start = "search" if fov_ratio(fixed, atlas) < cfg.search_fov_ratio else "intensity"
         try:
-            warped, sim, inside, problem = register(fixed, atlas, cfg, metric, threads, step, cancel)
-            for n, (dof, start, again) in enumerate(RETRIES):  # until one passes the checks; else the first problem is said
+            warped, sim, inside, problem = register(fixed, atlas, cfg, metric, threads, step, cancel, start=start)
+            for n, (dof, again_from, again) in enumerate(RETRIES):  # until one passes the checks; else the first problem is said
                 if problem is None:
                     break
                 lo, hi = 0.6 + 0.4 * n / len(RETRIES), 0.6 + 0.4 * (n + 1) / len(RETRIES)
                 retry = register(fixed, atlas, cfg, metric, threads,
                                  lambda fr, msg, lo=lo, hi=hi, again=again: step(fr, msg, lo=lo, hi=hi, again=again),
-                                 cancel, dof=dof, start=start)
+                                 cancel, dof=dof, start=again_from)
                 if retry[3] is None:
                     warped, sim, inside, problem = retry
         except Cancelled:
