@@ -170,7 +170,7 @@ class LocaliseConfig:
     min_similarity: float = 0.2  # after registration: image similarity below this is a failed registration
     min_inside: float = 0.5  # a prior with less of the reference structures' volume inside the target failed
     max_scale: float = 5.0  # an affine changing volumes by more than this factor (or mirroring) failed
-    search_fov_ratio: float = 0.4  # fields of view this unequal (smaller / larger volume): start from a translation search
+    search_fov_ratio: float = 0.25  # fields of view this unequal (smaller / larger volume): start from a translation search
     timeout_s: float = 600.0  # a registration taking longer is a failed registration
 
     def validate(self) -> None:

@@ -54,11 +54,12 @@ def greedy_commands(cfg: LocaliseConfig, metric: str, masks: int, dof: int = 12,
     """The stages of one registration: (name, Greedy command line); `dof` of the affine stage (12, or 7: a
     similarity transform); `shortest`: the fewest voxels along an axis of either image (`pyramid`); `start`: the
     moments initialisation on the images' intensities, or on their "edges" (gradient magnitude, which an inverted
-    contrast leaves unchanged), or "search": the translation found by `search.translation_start` (search.mat). `-noise 0 -jitter 0` and one thread for the rigid and affine stages: Greedy
-    otherwise adds unseeded random noise to the images (NCC), jitters the affine's sample points and sums over
-    threads in varying order, and the same pair then registers differently from run to run, now and then into a
-    wrong minimum (DESIGN 2.10); these stages are cheap, the deformable one keeps every thread. NCC compares patches
-    of `ncc_radius` in the rigid and affine stages and of the smaller `deformable_ncc_radius` in the deformable one.
+    contrast leaves unchanged), or "search": the translation found by `search.translation_start` (search.mat).
+    `-noise 0 -jitter 0` and one thread for the rigid and affine stages: Greedy otherwise adds unseeded random
+    noise to the images (NCC), jitters the affine's sample points and sums over threads in varying order, and the
+    same pair then registers differently from run to run, now and then into a wrong minimum (DESIGN 2.10); these
+    stages are cheap, the deformable one keeps every thread. NCC compares patches of `ncc_radius` in the rigid and
+    affine stages and of the smaller `deformable_ncc_radius` in the deformable one.
     The masks are resliced onto the fixed grid and onto `padded.nii` (twice its extent): how much of them the
     target's field of view holds."""
     def metric_option(radius: int) -> str:  # Greedy's -m: NCC over (2 radius + 1)^3 patches, or NMI
