@@ -171,6 +171,7 @@ class LocaliseConfig:
     min_inside: float = 0.5  # a prior with less of the reference structures' volume inside the target failed
     max_scale: float = 5.0  # an affine changing volumes by more than this factor (or mirroring) failed
     search_fov_ratio: float = 0.25  # fields of view this unequal (smaller / larger volume): start from a translation search
+    min_inside_whole: float = 0.9  # from that search, also passes when one structure has this much of it inside
     timeout_s: float = 600.0  # a registration taking longer is a failed registration
 
     def validate(self) -> None:
@@ -186,8 +187,9 @@ class LocaliseConfig:
         if self.merge_sigma_depth < 0 or self.merge_sigma_max_mm <= 0:
             raise ValueError(f"localise merge_sigma_depth must be >= 0 and merge_sigma_max_mm > 0, not "
                              f"{self.merge_sigma_depth}, {self.merge_sigma_max_mm}")
-        if not 0.0 <= self.search_fov_ratio <= 1.0:
-            raise ValueError(f"localise search_fov_ratio must be in [0, 1], not {self.search_fov_ratio}")
+        if not (0.0 <= self.search_fov_ratio <= 1.0 and 0.0 < self.min_inside_whole <= 1.0):
+            raise ValueError(f"localise search_fov_ratio must be in [0, 1] and min_inside_whole in (0, 1], not "
+                             f"{self.search_fov_ratio}, {self.min_inside_whole}")
         if self.appearance_iterations < 0 or self.appearance_bins < 2 or self.appearance_sigma_mm < 0:
             raise ValueError("localise appearance_iterations must be >= 0, appearance_bins >= 2 and appearance_sigma_mm "
                              f">= 0, not {self.appearance_iterations}, {self.appearance_bins}, {self.appearance_sigma_mm}")

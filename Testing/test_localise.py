@@ -100,9 +100,9 @@ def test_inside_is_the_share_of_the_structures_in_the_targets_field_of_view(seg,
     target = seg.prepare(img[:cut], aff)
     fixed = (target.work[0].numpy(), target.grid.working_affine)
     atlas = task.atlases[0]
-    _, warped, _, inside = localise_module.run_greedy(fixed, atlas, seg.config.localise, "ncc", 2, lambda f, m: None, None)
-    assert 0.35 < inside < 0.65
-    _, _, _, whole = localise_module.run_greedy((seg.prepare(img, aff).work[0].numpy(), seg.prepare(img, aff).grid.working_affine),
+    _, warped, _, inside, each = localise_module.run_greedy(fixed, atlas, seg.config.localise, "ncc", 2, lambda f, m: None, None)
+    assert 0.35 < inside < 0.65 and each == [pytest.approx(inside)]  # one structure: its share is the whole share
+    _, _, _, whole, _ = localise_module.run_greedy((seg.prepare(img, aff).work[0].numpy(), seg.prepare(img, aff).grid.working_affine),
                                                 atlas, seg.config.localise, "ncc", 2, lambda f, m: None, None)
     assert whole > 0.9
 
@@ -468,6 +468,26 @@ def test_pyramid_drops_levels_that_small_images_cannot_have():
     with pytest.raises(RuntimeError, match=f"only 8 voxel.*fewer than the {2 * cfg.ncc_radius + 1}"):
         greedy_commands(cfg, "ncc", 1, shortest=8)
     assert greedy_commands(cfg, "nmi", 1, shortest=8)  # NMI compares no patches
+
+
+def test_a_crop_passes_the_inside_check_when_one_structure_lies_whole_in_it(task, monkeypatch):
+    """A crop around one organ of a whole-abdomen reference holds a third of the structures' volume but all of that
+    organ: from the search start it passes; from the moments (like fields of view) the 50 % rule stands; a share
+    above 1.1 (a structure almost wholly outside both grids, interpolated) does not count."""
+    from IrisSegmentLib.config import LocaliseConfig
+
+    image = np.random.default_rng(0).random((24, 24, 24)).astype(np.float32)
+    warped = np.zeros((2, 24, 24, 24), np.float32)
+    warped[0, 8:16, 8:16, 8:16] = 1.0
+
+    def outcome(start: str, each: list[float]) -> str | None:
+        monkeypatch.setattr(localise_module, "run_greedy", lambda *a, **k: (image, warped, np.eye(4), 0.3, each))
+        return localise_module.register((image, np.eye(4)), task.atlases[0], LocaliseConfig(), "ncc", 1,
+                                        lambda f, m: None, None, start=start)[3]
+
+    assert outcome("search", [0.95, 0.05]) is None
+    assert "only 30%" in outcome("intensity", [0.95, 0.05])
+    assert "only 30%" in outcome("search", [0.85, 0.05]) and "only 30%" in outcome("search", [148.0, 0.05])
 
 
 def test_the_search_start_replaces_the_moments_stage():

@@ -100,12 +100,12 @@ def padded_affine(affine: np.ndarray, shape) -> np.ndarray:
 
 def run_greedy(fixed: tuple[np.ndarray, np.ndarray], atlas: Atlas, cfg: LocaliseConfig, metric: str, threads: int,
                report: Progress, cancel: Cancel | None, dof: int = 12,
-               start: str = "intensity") -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+               start: str = "intensity") -> tuple[np.ndarray, np.ndarray, np.ndarray, float, list[float]]:
     """Registers `atlas` onto `fixed` (image, affine) with a `dof` affine stage, initialised from `start`
     (`greedy_commands`): (warped image, warped masks (K, ...), affine matrix) on
-    the fixed grid, and the fraction of the warped masks' volume that the fixed grid holds (the rest left the
-    target's field of view). Raises Cancelled when `cancel()` turns true, RuntimeError when Greedy fails or
-    times out."""
+    the fixed grid, the fraction of the warped masks' volume that the fixed grid holds (the rest left the
+    target's field of view), and that fraction per mask. Raises Cancelled when `cancel()` turns true, RuntimeError
+    when Greedy fails or times out."""
     import nibabel as nib
 
     with tempfile.TemporaryDirectory(prefix="iris-register-") as d:
@@ -153,7 +153,8 @@ def run_greedy(fixed: tuple[np.ndarray, np.ndarray], atlas: Atlas, cfg: Localise
             raise RuntimeError(f"registration failed: {err or f'exit code {proc.returncode}'}")
         image = np.asarray(nib.load(folder / "warped_image.nii").get_fdata(), np.float32)
         masks = np.stack([np.asarray(nib.load(folder / f"warped{k}.nii").get_fdata(), np.float32) for k in range(len(atlas.masks))])
-        carried = sum(float(np.asarray(nib.load(folder / f"carried{k}.nii").dataobj, np.float64).sum()) for k in range(len(atlas.masks)))
+        carried = [float(np.asarray(nib.load(folder / f"carried{k}.nii").dataobj, np.float64).sum()) for k in range(len(atlas.masks))]
         matrix = np.loadtxt(folder / "affine.mat")
-    held = float(masks.sum(dtype=np.float64)) * abs(np.linalg.det(fixed[1][:3, :3]))
-    return image, masks, matrix, held / max(carried * abs(np.linalg.det(padded[:3, :3])), 1e-9)
+    held = masks.reshape(len(masks), -1).sum(1, dtype=np.float64) * abs(np.linalg.det(fixed[1][:3, :3]))
+    out = np.asarray(carried) * abs(np.linalg.det(padded[:3, :3]))
+    return image, masks, matrix, float(held.sum() / max(out.sum(), 1e-9)), [float(h / max(c, 1e-9)) for h, c in zip(held, out)]

@@ -252,8 +252,11 @@ def register(fixed: tuple[np.ndarray, np.ndarray], atlas: Atlas, cfg: LocaliseCo
              report: Progress, cancel: Cancel | None, dof: int = 12,
              start: str = "intensity") -> tuple[np.ndarray, float, float, str | None]:
     """One registration (`run_greedy`) and its checks: (warped masks, image similarity near them, fraction of them
-    inside the target, what is wrong with it or None)."""
-    image, warped, matrix, inside = run_greedy(fixed, atlas, cfg, metric, threads, report, cancel, dof, start)
+    inside the target, what is wrong with it or None). A target that shows a small part of the reference (the search
+    start) also passes the inside check when one structure lies whole in it (`min_inside_whole`): a crop around it."""
+    image, warped, matrix, inside, each = run_greedy(fixed, atlas, cfg, metric, threads, report, cancel, dof, start)
+    # a share above 1.1 is an interpolation artefact of a structure almost wholly outside both grids
+    whole = start == "search" and any(cfg.min_inside_whole <= e <= 1.1 for e in each)
     near = blur(warped.max(0, keepdims=True), 2.0)[0] > 0.05
     sim = similarity(image, fixed[0], near if near.sum() > 100 else np.ones_like(near), metric)
     det = float(np.linalg.det(matrix[:3, :3]))
@@ -261,7 +264,7 @@ def register(fixed: tuple[np.ndarray, np.ndarray], atlas: Atlas, cfg: LocaliseCo
     if not 1.0 / cfg.max_scale <= det <= cfg.max_scale:
         problem = (f"registration {'mirrored' if det <= 0 else 'scaled volumes by %.2g' % (1 / det)} "
                    "(another body region, or a failed registration)")
-    elif inside < cfg.min_inside:
+    elif inside < cfg.min_inside and not whole:
         problem = (f"registration carried only {inside:.0%} of the reference structures into the target's field of view "
                    "(another body region or field of view?)")
     elif sim < cfg.min_similarity:
